@@ -1,0 +1,307 @@
+"""Typed settings: a TOML file plus ``SLUICE_<SECTION>__<KEY>`` environment overrides.
+
+Every setting is declared once below, with its type, default and a docstring
+(the ``description``) that ``sluice check-config --reference`` prints as the
+reference. Precedence, highest first: environment, TOML file, default.
+
+Lists and tables in the environment are JSON, e.g.
+``SLUICE_KAFKA__INPUT_TOPICS='["flows"]'`` or
+``SLUICE_KAFKA__CLIENT='{"security.protocol": "SASL_SSL"}'``.
+
+Bad configuration fails at start: an unknown section or key, a value of the
+wrong type or out of range, and an unknown ``SLUICE_*__*`` variable all raise
+:class:`ConfigError` naming the key and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+ENV_PREFIX = "SLUICE_"
+ENV_DELIMITER = "__"
+
+# librdkafka settings the worker owns: letting [kafka.client] override them
+# would silently break exactly-once, so they are refused with this reason.
+_RESERVED_CLIENT_KEYS = {
+    "enable.auto.commit": "offsets are committed inside transactions",
+    "enable.auto.offset.store": "offsets are committed inside transactions",
+    "isolation.level": "the worker reads read_committed to stay exactly-once",
+    "transactional.id": "derived from group_id and replica_id",
+    "group.instance.id": "derived from group_id and replica_id",
+    "group.id": "set [kafka] group_id",
+    "bootstrap.servers": "set [kafka] bootstrap_servers",
+    "enable.idempotence": "transactions require idempotence",
+    "partition.assignment.strategy": "revocation handling is written for cooperative-sticky",
+}
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot run; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
+    group_id: str = Field("sluice", min_length=1, description="Consumer group shared by all replicas.")
+    input_topics: list[str] = Field(
+        default_factory=list, description="Topics to consume events from (at least one)."
+    )
+    replica_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        description=(
+            "Stable identity of this replica (default: host name). transactional.id and the static "
+            "group.instance.id derive from group_id and replica_id, so a restarted replica fences "
+            "its zombie and takes its partitions back without a rebalance."
+        ),
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, description="Group session timeout; a dead static member keeps its partitions this long."
+    )
+    max_poll_interval_ms: int = Field(
+        60_000, ge=5000, description="Max time between polls before the group evicts the member."
+    )
+    transaction_timeout_ms: int = Field(
+        60_000, ge=1000, description="Broker aborts a transaction left open longer than this (a crashed replica's)."
+    )
+    fetch_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Upper bound of one fetch response (bounds prefetch memory)."
+    )
+    queued_max_messages_kbytes: int = Field(
+        32 * 1024, ge=1024, description="Upper bound of librdkafka's prefetch queue per consumer, in KiB."
+    )
+    client: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description=(
+            "Pass-through librdkafka settings (security.protocol, sasl.*, ssl.*, client.rack, ...) applied "
+            "to consumer, producer and admin client alike."
+        ),
+    )
+
+    @field_validator("input_topics")
+    @classmethod
+    def _topics_nonempty(cls, v: list[str]) -> list[str]:
+        if any(not t for t in v):
+            raise ValueError("topic names must be non-empty")
+        return v
+
+    @field_validator("client")
+    @classmethod
+    def _client_not_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key in _RESERVED_CLIENT_KEYS:
+                raise ValueError(f"'{key}' cannot be set here: {_RESERVED_CLIENT_KEYS[key]}")
+        return v
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.group_id}-{self.replica_id}"
+
+    @property
+    def group_instance_id(self) -> str:
+        return f"{self.group_id}-{self.replica_id}"
+
+
+class TopicsSettings(_Section):
+    scores: str = Field("scores", min_length=1, description="Output topic: one score record per valid event.")
+    dlq: str = Field("dead-letters", min_length=1, description="Output topic: one dead letter per invalid record.")
+    drift: str = Field("drift-deltas", min_length=1, description="Output topic: drift deltas, one per model per transaction.")
+    create: bool = Field(True, description="Create missing output topics at start (needs admin rights).")
+    partitions: int = Field(
+        0, ge=0, description="Partition count for created output topics; 0 = as many as the first input topic."
+    )
+    replication_factor: int = Field(-1, description="Replication factor for created topics; -1 = broker default.")
+
+
+class ModelSettings(_Section):
+    path: Path = Field(Path("models/flow_classifier"), description="A models/<name> folder holding manifest.toml.")
+    backend: str = Field("onnxruntime", description="Inference backend: onnxruntime (tensorrt, torch: see the models issue).")
+    device: str = Field("cpu", description="cpu or cuda[:N]; a device that is not present fails at start.")
+
+
+class BatchingSettings(_Section):
+    max_batch_size: int = Field(1024, ge=1, le=65536, description="A batch closes at this many events ...")
+    max_batch_delay_ms: float = Field(
+        20.0, ge=0, le=10_000, description="... or this long after its first event, whichever comes first."
+    )
+    max_inflight_batches: int = Field(
+        4, ge=1, le=1024, description="Batches submitted to inference but not yet emitted; above it partitions pause."
+    )
+    adaptive: bool = Field(
+        True, description="Send a partial batch at once when the inference pool is idle (small batches at low load)."
+    )
+
+
+class InferenceSettings(_Section):
+    threads: int = Field(1, ge=1, le=256, description="Dedicated inference threads (each runs whole batches).")
+    intra_op_threads: int = Field(1, ge=1, le=256, description="Backend threads used inside one batch.")
+
+
+class TransactionsSettings(_Section):
+    commit_interval_ms: int = Field(
+        100, ge=1, le=600_000, description="Commit outputs and offsets this often (the latency floor for read_committed readers)."
+    )
+    revoke_timeout_ms: int = Field(
+        10_000,
+        ge=100,
+        description="Budget for finishing in-flight work when partitions are revoked; past it the work is aborted and redone elsewhere.",
+    )
+    shutdown_timeout_ms: int = Field(
+        30_000, ge=100, description="Budget for draining on SIGTERM; past it the open transaction is aborted."
+    )
+
+
+class MetricsSettings(_Section):
+    port: int = Field(9100, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 = ephemeral (logged at start).")
+    host: str = Field("0.0.0.0", description="Address the metrics server binds.")
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    format: Literal["auto", "json", "text"] = Field("auto", description="auto = JSON unless stderr is a terminal.")
+
+
+class Settings(BaseSettings):
+    """The worker's whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicsSettings = Field(default_factory=TopicsSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    transactions: TransactionsSettings = Field(default_factory=TransactionsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    _toml_path: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Settings":
+        if not self.kafka.input_topics:
+            raise ValueError("kafka.input_topics: at least one input topic is required")
+        outputs = {self.topics.scores, self.topics.dlq, self.topics.drift}
+        loops = outputs & set(self.kafka.input_topics)
+        if loops:
+            raise ValueError(f"topics: output topic {sorted(loops)[0]!r} is also an input topic (a feedback loop)")
+        if self.transactions.revoke_timeout_ms >= self.kafka.max_poll_interval_ms:
+            raise ValueError("transactions.revoke_timeout_ms must stay below kafka.max_poll_interval_ms")
+        return self
+
+
+def _env_key(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
+
+
+def _check_unknown_env(environ: dict[str, str]) -> None:
+    """Refuse SLUICE_<SECTION>__<KEY> variables that name no setting (a typo would be ignored)."""
+    sections = Settings.model_fields
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or ENV_DELIMITER not in upper:
+            continue
+        section, _, key = upper[len(ENV_PREFIX):].partition(ENV_DELIMITER)
+        field = sections.get(section.lower())
+        if field is None:
+            raise ConfigError(f"{name}: unknown section {section.lower()!r}; known: {', '.join(sections)}")
+        model = field.annotation
+        top_key = key.split(ENV_DELIMITER, 1)[0].lower()
+        if isinstance(model, type) and issubclass(model, BaseModel) and top_key not in model.model_fields:
+            raise ConfigError(
+                f"{name}: unknown key {section.lower()}.{top_key}; known: {', '.join(model.model_fields)}"
+            )
+
+
+def _format_error(err: dict[str, Any], path: Path | None) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    key = ".".join(loc) if loc else "(root)"
+    where = f" in {path}" if path else ""
+    if err.get("type") == "extra_forbidden":
+        return f"{key}: unknown key{where}; remove it or check its spelling (see `sluice check-config --reference`)"
+    hint = ""
+    if len(loc) >= 2:
+        hint = f" (set [{loc[0]}] {loc[1]}{where} or {_env_key(loc[0], loc[1])})"
+    msg = err.get("msg", "invalid")
+    if key == "(root)" or msg.startswith("Value error, "):
+        msg = msg.removeprefix("Value error, ")
+        return f"{msg}{where}" if key == "(root)" else f"{key}: {msg}{hint}"
+    return f"{key}: {msg}{hint}"
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings from ``path`` (TOML) and the environment.
+
+    Raises :class:`ConfigError` with one line per problem, each naming the key.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    toml_path = Path(path) if path is not None else None
+    if toml_path is not None:
+        if not toml_path.is_file():
+            raise ConfigError(f"config file {toml_path} does not exist")
+        try:
+            tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{toml_path}: not valid TOML: {exc}") from exc
+    _check_unknown_env(environ)
+    saved_env = None
+    if environ is not os.environ:
+        saved_env = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(environ)
+    Settings._toml_path = toml_path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_format_error(e, toml_path) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    finally:
+        Settings._toml_path = None
+        if saved_env is not None:
+            os.environ.clear()
+            os.environ.update(saved_env)
+
+
+def reference() -> str:
+    """The settings reference: one line per key with type, default and env variable."""
+    out = []
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        out.append(f"[{section}]")
+        for key, f in model.model_fields.items():  # type: ignore[union-attr]
+            default = "<host name>" if key == "replica_id" else (
+                f.default_factory() if f.default_factory else f.default
+            )
+            typ = getattr(f.annotation, "__name__", str(f.annotation)).replace("typing.", "")
+            out.append(f"  {key} ({typ}, default {default!r}, env {_env_key(section, key)})")
+            out.append(f"      {f.description}")
+    return "\n".join(out)
