@@ -1,0 +1,145 @@
+"""The transactional producer: one per process, one open transaction at a time.
+
+Guarantee: records produced between :meth:`TransactionalProducer.begin` and a
+successful :meth:`commit` become visible to ``read_committed`` readers
+atomically with the consumer offsets sent in that commit; after :meth:`abort`
+none of them ever do. Limits: a transaction must commit within
+``transaction.timeout.ms`` or the broker aborts it, and a producer fenced by a
+newer instance of the same ``transactional.id`` can only exit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+
+# init_transactions waits for the broker to abort a previous incarnation's
+# transaction; that can take a transaction round trip or a coordinator move.
+INIT_TIMEOUT_S = 60.0
+# One commit or abort; longer means the cluster is unhealthy and the worker
+# should rewind (abort) rather than hold the orchestrator thread.
+COMMIT_TIMEOUT_S = 30.0
+# How long produce() serves delivery reports while the local queue is full
+# before it gives up; the queue drains at broker speed, so this is generous.
+QUEUE_FULL_TIMEOUT_S = 60.0
+
+
+class FatalProducerError(RuntimeError):
+    """The producer cannot go on (fenced, unknown producer id, ...): the process must exit."""
+
+
+class AbortableError(RuntimeError):
+    """The current transaction failed and was (or must be) aborted; rewind and go on."""
+
+
+class RetriableError(RuntimeError):
+    """The operation may be retried as is."""
+
+
+def classify(exc: KafkaException) -> type[Exception]:
+    err: KafkaError = exc.args[0]
+    if err.fatal():
+        return FatalProducerError
+    if err.txn_requires_abort():
+        return AbortableError
+    if err.retriable():
+        return RetriableError
+    return AbortableError
+
+
+class TransactionalProducer:
+    """Wraps a transactional confluent-kafka Producer with the worker's error handling."""
+
+    def __init__(self, conf: dict[str, Any]):
+        self._producer = Producer(conf)
+        self.in_transaction = False
+        self.produce_call = self._producer.produce  # bound once: the hot path calls it per record
+
+    def init(self, timeout: float = INIT_TIMEOUT_S) -> None:
+        try:
+            self._producer.init_transactions(timeout)
+        except KafkaException as exc:
+            raise FatalProducerError(f"init_transactions failed: {exc.args[0].str()}") from exc
+
+    def begin(self) -> None:
+        if not self.in_transaction:
+            self._producer.begin_transaction()
+            self.in_transaction = True
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None = None, headers: Any = None) -> None:
+        """Produce one record; on a full local queue serve it and retry, never drop."""
+        try:
+            self.produce_call(topic, value, key, headers=headers)
+            return
+        except BufferError:
+            pass
+        deadline = time.monotonic() + QUEUE_FULL_TIMEOUT_S
+        while True:
+            self._producer.poll(0.05)
+            try:
+                self.produce_call(topic, value, key, headers=headers)
+                return
+            except BufferError:
+                if time.monotonic() > deadline:
+                    raise AbortableError("producer queue stayed full; aborting the transaction") from None
+
+    def poll(self, timeout: float = 0.0) -> None:
+        self._producer.poll(timeout)
+
+    def commit(
+        self,
+        offsets: Sequence[TopicPartition],
+        group_metadata: Any,
+        timeout: float = COMMIT_TIMEOUT_S,
+    ) -> None:
+        """Send ``offsets`` to the transaction and commit it.
+
+        Raises AbortableError (the caller aborts and rewinds) or FatalProducerError.
+        Retriable errors are retried within ``timeout``.
+        """
+        if not self.in_transaction:
+            self.begin()
+        deadline = time.monotonic() + timeout
+        sent = not offsets
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                if not sent:
+                    self._producer.send_offsets_to_transaction(list(offsets), group_metadata, left)
+                    sent = True
+                self._producer.commit_transaction(left)
+                self.in_transaction = False
+                return
+            except KafkaException as exc:
+                kind = classify(exc)
+                if kind is RetriableError and time.monotonic() < deadline:
+                    continue
+                if kind is FatalProducerError:
+                    raise FatalProducerError(f"commit failed fatally: {exc.args[0].str()}") from exc
+                raise AbortableError(f"commit failed: {exc.args[0].str()}") from exc
+
+    def abort(self, timeout: float = COMMIT_TIMEOUT_S) -> None:
+        if not self.in_transaction:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._producer.abort_transaction(max(0.1, deadline - time.monotonic()))
+                self.in_transaction = False
+                return
+            except KafkaException as exc:
+                kind = classify(exc)
+                if kind is FatalProducerError:
+                    raise FatalProducerError(f"abort failed fatally: {exc.args[0].str()}") from exc
+                if time.monotonic() >= deadline:
+                    raise FatalProducerError(f"abort did not complete: {exc.args[0].str()}") from exc
+
+    def flush(self, timeout: float = 10.0) -> int:
+        return self._producer.flush(timeout)
+
+    def close(self) -> None:
+        """Best-effort: an open transaction is left to the broker's timeout / the next init."""
+        self._producer.flush(0)

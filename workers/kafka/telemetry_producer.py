@@ -1,0 +1,89 @@
+"""Publishing synthetic telemetry to a topic (``sluice produce``, the demo, tests, bench)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from confluent_kafka import Producer
+
+from workers import telemetry
+
+# Flush at the end waits for every acknowledgement; a broker that stops
+# answering for this long fails the command instead of hanging it.
+FINAL_FLUSH_TIMEOUT_S = 120.0
+
+
+class ProduceFailed(RuntimeError):
+    pass
+
+
+def produce_telemetry(
+    bootstrap: str,
+    topic: str,
+    kind: str = "flow",
+    count: int = 1000,
+    rate: float | None = None,
+    seed: int = 0,
+    bad_fraction: float = 0.0,
+    client: dict[str, Any] | None = None,
+    stop: Any = None,
+    **generate_kwargs: Any,
+) -> int:
+    """Produce ``count`` events (at ``rate`` events/s if given); return how many were acknowledged.
+
+    Raises ProduceFailed if any record was not acknowledged. ``stop`` is an
+    optional threading.Event that ends production early.
+    """
+    conf = dict(client or {})
+    conf.update(
+        {
+            "bootstrap.servers": bootstrap,
+            # No duplicates or reordering from producer retries: tests count exact deliveries.
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "batch.num.messages": 10_000,
+            "queue.buffering.max.messages": 500_000,
+            "compression.type": "lz4",
+        }
+    )
+    producer = Producer(conf)
+    failures: list[str] = []
+    acked = 0
+
+    def on_delivery(err, msg):
+        nonlocal acked
+        if err is None:
+            acked += 1
+        else:
+            failures.append(err.str())
+
+    start = time.monotonic()
+    sent = 0
+    events = telemetry.generate(
+        kind=kind, count=count, seed=seed, bad_fraction=bad_fraction,
+        start_ts=time.time() if rate else None, rate=rate, **generate_kwargs
+    )
+    for key, value, headers in events:
+        if stop is not None and stop.is_set():
+            break
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=headers or None, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        sent += 1
+        if rate:
+            ahead = sent / rate - (time.monotonic() - start)
+            if ahead > 0.002:
+                producer.poll(ahead)
+        elif sent % 10_000 == 0:
+            producer.poll(0)
+    left = producer.flush(FINAL_FLUSH_TIMEOUT_S)
+    if left or failures:
+        raise ProduceFailed(
+            f"{sent - acked} of {sent} records not acknowledged"
+            + (f"; first error: {failures[0]}" if failures else f"; {left} still queued")
+        )
+    return acked
