@@ -51,7 +51,7 @@ class MicroBatcher(Generic[T]):
             return False
         if self.adaptive and pool_idle:
             return True
-        return now - self._first_at >= self.max_delay_s  # type: ignore[operator]
+        return now >= self._first_at + self.max_delay_s  # type: ignore[operator]
 
     def time_left(self, now: float) -> float | None:
         """Seconds until the open batch's deadline, or None when empty."""
