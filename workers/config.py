@@ -116,6 +116,15 @@ class TopicsSettings(_Section):
     scores: str = Field("scores", min_length=1, description="Output topic: one score record per valid event.")
     dlq: str = Field("dead-letters", min_length=1, description="Output topic: one dead letter per invalid record.")
     drift: str = Field("drift-deltas", min_length=1, description="Output topic: drift deltas, one per model per transaction.")
+    dlq_max_value_bytes: int = Field(
+        900_000,
+        ge=1024,
+        description=(
+            "Dead letters carry the original value up to this size; a larger one is truncated and the header "
+            "sluice.error.truncated holds its original length (the source headers point at the full record). "
+            "Keep it below the DLQ topic's max.message.bytes, or one poison record would abort every transaction."
+        ),
+    )
     create: bool = Field(True, description="Create missing output topics at start (needs admin rights).")
     partitions: int = Field(
         0, ge=0, description="Partition count for created output topics; 0 = as many as the first input topic."

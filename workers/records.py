@@ -31,6 +31,7 @@ H_TOPIC = "sluice.source.topic"
 H_PARTITION = "sluice.source.partition"
 H_OFFSET = "sluice.source.offset"
 H_WORKER = "sluice.worker"
+H_TRUNCATED = "sluice.error.truncated"
 DLQ_HEADERS = (H_REASON, H_DETAIL, H_TOPIC, H_PARTITION, H_OFFSET, H_WORKER)
 
 # Dead-letter details are for humans; a multi-MB offending value must not be copied into a header.
@@ -74,6 +75,25 @@ class ScoreEncoder:
                 % (orjson.dumps(eid), score, b"true" if label else b"false", middle, tb, part, off, ts, tail)
             )
         return out
+
+
+def dead_letter(
+    value: bytes | None,
+    original_headers: list[tuple[str, bytes]] | None,
+    reason: str,
+    detail: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    worker: str,
+    max_value_bytes: int,
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The dead letter's value and headers for one rejected input record."""
+    headers = dead_letter_headers(original_headers, reason, detail, topic, partition, offset, worker)
+    if value is not None and len(value) > max_value_bytes:
+        headers.append((H_TRUNCATED, str(len(value)).encode()))
+        value = value[:max_value_bytes]
+    return value, headers
 
 
 def dead_letter_headers(

@@ -1,0 +1,586 @@
+"""The orchestrator: poll → batch → featurize → infer → emit → commit.
+
+Guarantee (exactly once, end to end): every input offset ends in exactly one
+committed score record or dead letter, because outputs and the consumer
+offsets that cover them are committed in one Kafka transaction, and a
+restarted or rebalanced replica resumes from the committed offsets. Readers
+must use ``isolation.level=read_committed``. Limits: a transaction not
+committed within ``transaction.timeout.ms`` is aborted by the broker and redone;
+a fenced producer exits (the supervisor restarts it).
+
+The commit protocol, as in DESIGN.md:
+
+1. ``begin_transaction()`` when the first output of a new transaction is emitted.
+2. Emit score records and dead letters of completed batches, in submission order.
+3. Every ``commit_interval_ms`` (and on revoke and shutdown):
+   ``send_offsets_to_transaction(next offsets of everything emitted, group
+   metadata)``, then ``commit_transaction()``.
+4. Abortable error: ``abort_transaction()``, drop in-flight work, rewind every
+   assigned partition to its last committed offset, go on.
+5. Fatal error (fenced, unknown producer): stop, exit non-zero.
+6. Partitions revoked: finish the in-flight work, commit, then return from the
+   callback, within ``revoke_timeout_ms``; past it, abort and rewind instead.
+7. Shutdown: stop consuming, drain, commit, close. A second signal or
+   ``shutdown_timeout_ms`` aborts instead; nothing committed is ever lost.
+
+One thread (the caller of :meth:`Pipeline.run`) owns the consumer and every
+transaction call; inference runs on the pool's threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from workers.batching import MicroBatcher
+from workers.config import Settings
+from workers.features import Featurizer, ModelSpec, Reject
+from workers.inference import create_backend
+from workers.inference.pool import InferencePool, InferenceResult
+from workers.kafka import settings as kafka_settings
+from workers.kafka.admin import TopicError, ensure_topics, partition_counts
+from workers.kafka.producer import AbortableError, FatalProducerError, TransactionalProducer
+from workers.metrics import Metrics
+from workers.records import ScoreEncoder, dead_letter
+
+log = logging.getLogger(__name__)
+
+# Longest single consume() call: bounds how late a signal, a commit deadline or
+# a completed batch is noticed.
+MAX_POLL_WAIT_S = 0.1
+# While partitions are paused, wait this long on the oldest in-flight batch
+# before polling again (polling keeps the group membership alive).
+BACKPRESSURE_WAIT_S = 0.01
+# Resume paused partitions once in-flight batches drop to this share of the limit,
+# so pause/resume does not flap at the boundary.
+RESUME_FRACTION = 0.5
+# Fetching committed offsets when rewinding after an abort.
+COMMITTED_TIMEOUT_S = 15.0
+
+
+class StopWorker(Exception):
+    """Raised inside the loop to leave it; ``exit_code`` says how."""
+
+    def __init__(self, exit_code: int, reason: str):
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Batch:
+    """Messages of one inference batch and everything needed to emit them."""
+
+    msgs: list[Message]
+    topics: list[str]
+    partitions: list[int]
+    offsets: list[int]
+    features: object  # FeatureBatch
+    future: Future | None = None
+    created_at: float = 0.0
+
+
+@dataclass
+class Stats:
+    """Plain counters for the CLI status line and the bench (metrics hold the same for Prometheus)."""
+
+    consumed: int = 0
+    scored: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    batch_events: int = 0
+    commits: int = 0
+    aborts: int = 0
+    first_fetch_at: float | None = None
+    last_commit_at: float | None = None
+    lag: int = 0
+    recent_latency: deque = field(default_factory=lambda: deque(maxlen=64))  # numpy arrays, last batches
+
+    def latency_quantile(self, q: float) -> float:
+        if not self.recent_latency:
+            return math.nan
+        return float(np.quantile(np.concatenate(list(self.recent_latency)), q))
+
+
+class Pipeline:
+    """One worker process: a consumer, a transactional producer, an inference pool."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.stats = Stats()
+        self.worker_name = f"{settings.kafka.group_id}/{settings.kafka.replica_id}/{os.getpid()}"
+        self._stop_requested = False
+        self._force_stop = False
+        self._assigned: set[tuple[str, int]] = set()
+        self._paused = False
+        self._inflight: deque[Batch] = deque()
+        self._pending_offsets: dict[tuple[str, int], int] = {}
+        self._txn_started_at: float | None = None
+        self.consumer: Consumer | None = None
+        self.producer: TransactionalProducer | None = None
+        self.pool: InferencePool | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def start(self) -> None:
+        """Load and warm the model, check topics, init transactions, subscribe."""
+        s = self.settings
+        self.spec = ModelSpec.load(s.model.path)
+        self.featurizer = Featurizer(self.spec)
+        backend = create_backend(
+            self.spec, backend=s.model.backend, device=s.model.device, threads=s.inference.intra_op_threads
+        )
+        backend.load()
+        sizes = sorted({1, s.batching.max_batch_size} | {2**i for i in range(1, 16) if 2**i < s.batching.max_batch_size})
+        backend.warmup(sizes)
+        self.backend = backend
+        self.encoder = ScoreEncoder(self.spec.name, self.spec.version, self.spec.threshold)
+        self.metrics.model_info.info(
+            {"name": self.spec.name, "version": self.spec.version, "backend": s.model.backend, "device": s.model.device}
+        )
+        self._scored_counter = self.metrics.scored.labels(self.spec.name)
+        self._infer_hist = self.metrics.inference_seconds.labels(self.spec.name, s.model.backend)
+
+        admin = AdminClient(kafka_settings.admin_config(s))
+        counts = partition_counts(admin)
+        missing = [t for t in s.kafka.input_topics if t not in counts]
+        if missing:
+            raise TopicError(
+                f"input topic(s) {missing} do not exist on {s.kafka.bootstrap_servers}; create them or fix "
+                "[kafka] input_topics"
+            )
+        if s.topics.create:
+            parts = s.topics.partitions or counts[s.kafka.input_topics[0]]
+            created = ensure_topics(
+                admin, [s.topics.scores, s.topics.dlq, s.topics.drift], parts, s.topics.replication_factor
+            )
+            if created:
+                log.info("created output topics", extra={"topics": created, "partitions": parts})
+
+        self.producer = TransactionalProducer(kafka_settings.producer_config(s))
+        self.producer.init()
+        conf = kafka_settings.consumer_config(s)
+        conf["stats_cb"] = self._on_stats
+        conf["error_cb"] = self._on_client_error
+        self.consumer = Consumer(conf)
+        self.consumer.subscribe(
+            list(s.kafka.input_topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self.pool = InferencePool(backend, s.inference.threads)
+        self.batcher: MicroBatcher[Message] = MicroBatcher(
+            s.batching.max_batch_size, s.batching.max_batch_delay_ms / 1000.0, s.batching.adaptive
+        )
+        self.metrics.not_ready_reason = "waiting for partition assignment"
+
+    # ------------------------------------------------------------- main loop
+
+    def request_stop(self) -> None:
+        """First call: drain and commit. Second call: abort at once."""
+        if self._stop_requested:
+            self._force_stop = True
+        self._stop_requested = True
+
+    def run(self) -> int:
+        """Run until stopped; return the process exit code."""
+        try:
+            self._loop()
+            return self._shutdown()
+        except StopWorker as stop:
+            log.error("worker stopping", extra={"reason": str(stop), "exit_code": stop.exit_code})
+            self._close(abort=True)
+            return stop.exit_code
+        except FatalProducerError as exc:
+            log.error("fatal producer error; exiting for the supervisor to restart", extra={"error": str(exc)})
+            self.metrics.ready = False
+            self.metrics.not_ready_reason = "producer fenced or fatal error"
+            self._close(abort=False)
+            return 3
+
+    def _loop(self) -> None:
+        s = self.settings
+        commit_interval = s.transactions.commit_interval_ms / 1000.0
+        max_inflight = s.batching.max_inflight_batches
+        resume_at = max(0, int(max_inflight * RESUME_FRACTION))
+        consumer, batcher = self.consumer, self.batcher
+        while not self._stop_requested:
+            self.metrics.heartbeat()
+            self._emit_completed(block_s=0.0)
+            now = time.monotonic()
+            if self._txn_started_at is not None and now - self._txn_started_at >= commit_interval:
+                self._commit("interval")
+
+            if len(self._inflight) >= max_inflight:
+                if not self._paused:
+                    self._pause()
+                # Keep polling (group membership, max.poll.interval) while waiting for inference.
+                self._consume(0, 0.0)
+                self._emit_completed(block_s=BACKPRESSURE_WAIT_S)
+                continue
+            if self._paused and len(self._inflight) <= resume_at:
+                self._resume()
+
+            # Wait no longer than the open batch's deadline or the next commit.
+            wait = MAX_POLL_WAIT_S
+            left = batcher.time_left(now)
+            if left is not None:
+                wait = min(wait, left)
+            if self._txn_started_at is not None:
+                wait = min(wait, max(0.0, self._txn_started_at + commit_interval - now))
+            if self._inflight:
+                wait = min(wait, 0.005)
+            msgs = self._consume(batcher.room, wait)
+            now = time.monotonic()
+            for full in batcher.add(msgs, now):
+                self._submit(full)
+            if batcher.due(now, self.pool.idle):
+                self._submit(batcher.take())
+
+    def _consume(self, n: int, timeout: float) -> list[Message]:
+        if n <= 0:
+            # consume(0) is not allowed; poll serves callbacks (rebalance, stats) and may
+            # return one message, which must not be lost.
+            m = self.consumer.poll(timeout)
+            msgs = [m] if m is not None else []
+        else:
+            msgs = self.consumer.consume(n, timeout)
+        if not msgs:
+            return msgs
+        good = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                good.append(m)
+            elif err.fatal():
+                raise StopWorker(4, f"fatal consumer error: {err.str()}")
+            else:
+                log.warning("consumer error", extra={"error": err.str(), "code": err.name()})
+        if good:
+            if self.stats.first_fetch_at is None:
+                self.stats.first_fetch_at = time.monotonic()
+            self.stats.consumed += len(good)
+            self.metrics.consumed.labels(good[0].topic()).inc(len(good))
+        if n <= 0 and good:
+            # A message polled during backpressure joins the open batch.
+            for full in self.batcher.add(good, time.monotonic()):
+                self._submit(full)
+            return []
+        return good
+
+    # -------------------------------------------------------- batch lifecycle
+
+    def _submit(self, msgs: list[Message]) -> None:
+        topics = [m.topic() for m in msgs]
+        partitions = [m.partition() for m in msgs]
+        offsets = [m.offset() for m in msgs]
+        features = self.featurizer.featurize([m.value() for m in msgs])
+        batch = Batch(msgs, topics, partitions, offsets, features, created_at=time.monotonic())
+        batch.future = self.pool.submit(features.matrix)
+        self._inflight.append(batch)
+        self.metrics.inflight_batches.set(len(self._inflight))
+        self.metrics.batch_size.observe(len(msgs))
+        self.stats.batches += 1
+        self.stats.batch_events += len(msgs)
+
+    def _emit_completed(self, block_s: float) -> None:
+        """Emit finished batches from the head of the queue, in submission order."""
+        inflight = self._inflight
+        while inflight:
+            fut = inflight[0].future
+            if not fut.done():
+                if block_s <= 0:
+                    return
+                try:
+                    fut.result(timeout=block_s)
+                except FutureTimeout:
+                    return
+                block_s = 0.0
+            batch = inflight.popleft()
+            self.pool.collected()
+            self._emit(batch, fut.result())
+        self.metrics.inflight_batches.set(len(inflight))
+
+    def _emit(self, batch: Batch, result: InferenceResult) -> None:
+        producer = self.producer
+        if not producer.in_transaction:
+            producer.begin()
+            self._txn_started_at = time.monotonic()
+        fb = batch.features
+        topics_out = self.settings.topics
+        msgs = batch.msgs
+        self.metrics.queue_wait.observe(result.queue_wait_s)
+        self._infer_hist.observe(result.infer_s)
+
+        scores = result.scores
+        ok = np.isfinite(scores)
+        positions = fb.positions
+        rejects = list(fb.rejects)
+        if not ok.all():
+            for row in np.flatnonzero(~ok).tolist():
+                detail = result.failed.get(row, f"model returned a non-finite score ({scores[row]!r})")
+                reason = "inference_error" if row in result.failed else "non_finite_score"
+                rejects.append(Reject(int(positions[row]), reason, detail))
+            positions = positions[ok]
+            scores = scores[ok]
+            event_ids = [e for e, good in zip(fb.event_ids, ok.tolist()) if good]
+            event_ts = fb.event_ts[ok]
+        else:
+            event_ids = fb.event_ids
+            event_ts = fb.event_ts
+
+        n = len(positions)
+        if n:
+            pos = positions.tolist()
+            part_list = batch.partitions
+            off_list = batch.offsets
+            top_list = batch.topics
+            values = self.encoder.encode(
+                event_ids,
+                scores,
+                [top_list[i] for i in pos],
+                [part_list[i] for i in pos],
+                [off_list[i] for i in pos],
+                event_ts,
+                time.time(),
+            )
+            produce = producer.produce_call
+            scores_topic = topics_out.scores
+            for i, value in zip(pos, values):
+                try:
+                    produce(scores_topic, value, msgs[i].key())
+                except BufferError:
+                    producer.produce(scores_topic, value, msgs[i].key())
+            now_ms = time.time() * 1000.0
+            ts = np.fromiter((msgs[i].timestamp()[1] for i in pos), dtype=np.float64, count=n)
+            latency = (now_ms - ts) / 1000.0
+            self.metrics.e2e_latency.observe_many(latency)
+            self.stats.recent_latency.append(latency)
+            self.stats.scored += n
+            self._scored_counter.inc(n)
+
+        max_dlq = topics_out.dlq_max_value_bytes
+        for rej in rejects:
+            m = msgs[rej.position]
+            value, headers = dead_letter(
+                m.value(), m.headers(), rej.reason, rej.detail, m.topic(), m.partition(), m.offset(),
+                self.worker_name, max_dlq,
+            )
+            producer.produce(topics_out.dlq, value, m.key(), headers=headers)
+            self.metrics.dead_lettered.labels(rej.reason).inc()
+        self.stats.dead_letters += len(rejects)
+
+        pending = self._pending_offsets
+        for t, p, o in zip(batch.topics, batch.partitions, batch.offsets):
+            pending[(t, p)] = o + 1
+
+    # ---------------------------------------------------------- transactions
+
+    def _commit(self, why: str) -> None:
+        if not self.producer.in_transaction:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending_offsets.items()]
+        start = time.perf_counter()
+        try:
+            self.producer.commit(offsets, self.consumer.consumer_group_metadata())
+        except AbortableError as exc:
+            log.warning("transaction failed; aborting and rewinding", extra={"error": str(exc), "during": why})
+            self._abort_and_rewind("commit_failed")
+            return
+        self.metrics.commit_seconds.observe(time.perf_counter() - start)
+        self.metrics.txn_committed.inc()
+        self._pending_offsets.clear()
+        self._txn_started_at = None
+        self.stats.commits += 1
+        self.stats.last_commit_at = time.monotonic()
+
+    def _abort_and_rewind(self, reason: str, partitions: set[tuple[str, int]] | None = None) -> None:
+        """Step 4: abort, drop in-flight work, rewind to the last committed offsets."""
+        self._drop_inflight()
+        self.batcher.take()
+        self.producer.abort()
+        self._pending_offsets.clear()
+        self._txn_started_at = None
+        self.stats.aborts += 1
+        self.metrics.txn_aborted.labels(reason).inc()
+        targets = partitions if partitions is not None else set(self._assigned)
+        if not targets:
+            return
+        tps = [TopicPartition(t, p) for t, p in sorted(targets)]
+        try:
+            committed = self.consumer.committed(tps, timeout=COMMITTED_TIMEOUT_S)
+        except KafkaException as exc:
+            raise StopWorker(5, f"cannot read committed offsets to rewind: {exc}") from exc
+        for tp in committed:
+            if tp.offset == OFFSET_INVALID or tp.offset < 0:
+                tp.offset = -2  # OFFSET_BEGINNING: nothing committed yet for this partition
+            try:
+                self.consumer.seek(tp)
+            except KafkaException as exc:
+                log.warning("seek after abort failed", extra={"partition": f"{tp.topic}[{tp.partition}]", "error": str(exc)})
+        if self._paused:
+            self._resume()
+
+    def _drop_inflight(self) -> None:
+        for batch in self._inflight:
+            try:
+                batch.future.result()  # inference cannot be interrupted; let it finish
+            except Exception:  # noqa: BLE001 - the result is dropped anyway
+                pass
+            self.pool.collected()
+        self._inflight.clear()
+        self.metrics.inflight_batches.set(0)
+
+    def _drain(self, deadline: float) -> bool:
+        """Emit every in-flight batch; False if the deadline passed first."""
+        while self._inflight:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._force_stop:
+                return False
+            self._emit_completed(block_s=min(left, 0.1))
+        return True
+
+    # ----------------------------------------------------------- rebalancing
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        consumer.incremental_assign(partitions)
+        self._assigned.update((tp.topic, tp.partition) for tp in partitions)
+        if self._paused and partitions:
+            consumer.pause(partitions)
+        self.metrics.assigned_partitions.set(len(self._assigned))
+        self.metrics.rebalances.labels("assigned").inc(len(partitions))
+        self.metrics.ready = True
+        self.metrics.not_ready_reason = ""
+        log.info("partitions assigned", extra={"partitions": _names(partitions), "total": len(self._assigned)})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Step 6: finish in-flight work, commit, return, within the revoke budget."""
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        deadline = time.monotonic() + self.settings.transactions.revoke_timeout_ms / 1000.0
+        dropped = self.batcher.drop(lambda m: (m.topic(), m.partition()) in revoked)
+        if self._drain(deadline):
+            self._commit("revoke")
+        else:
+            log.warning("revoke budget exceeded; aborting the open transaction", extra={"dropped": dropped})
+            self._abort_and_rewind("revoke_timeout", partitions=self._assigned - revoked)
+        for key in revoked:
+            self._pending_offsets.pop(key, None)
+        self._assigned -= revoked
+        consumer.incremental_unassign(partitions)
+        self.metrics.assigned_partitions.set(len(self._assigned))
+        self.metrics.rebalances.labels("revoked").inc(len(partitions))
+        log.info("partitions revoked", extra={"partitions": _names(partitions), "total": len(self._assigned)})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions lost (session expired): their offsets can no longer be committed by us."""
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        log.warning("partitions lost; aborting the open transaction", extra={"partitions": _names(partitions)})
+        self._abort_and_rewind("partitions_lost", partitions=self._assigned - lost)
+        self._assigned -= lost
+        consumer.incremental_unassign(partitions)
+        self.metrics.assigned_partitions.set(len(self._assigned))
+        self.metrics.rebalances.labels("lost").inc(len(partitions))
+
+    def _pause(self) -> None:
+        tps = [TopicPartition(t, p) for t, p in self._assigned]
+        if tps:
+            self.consumer.pause(tps)
+        self._paused = True
+        self.metrics.paused_partitions.set(len(tps))
+
+    def _resume(self) -> None:
+        tps = [TopicPartition(t, p) for t, p in self._assigned]
+        if tps:
+            self.consumer.resume(tps)
+        self._paused = False
+        self.metrics.paused_partitions.set(0)
+
+    # -------------------------------------------------------------- shutdown
+
+    def _shutdown(self) -> int:
+        """Step 7: stop consuming, drain, commit, close; abort on a second signal or the deadline."""
+        self.metrics.ready = False
+        self.metrics.not_ready_reason = "shutting down"
+        deadline = time.monotonic() + self.settings.transactions.shutdown_timeout_ms / 1000.0
+        if self._assigned:
+            self._pause()
+        if len(self.batcher):
+            self._submit(self.batcher.take())
+        if not self._force_stop and self._drain(deadline):
+            try:
+                self._commit("shutdown")
+            except FatalProducerError as exc:
+                log.error("fatal error while committing at shutdown", extra={"error": str(exc)})
+                self._close(abort=False)
+                return 3
+            if not self.producer.in_transaction:
+                log.info("drained and committed; closing", extra=self._summary())
+                self._close(abort=False)
+                return 0
+        log.warning("shutdown forced or deadline passed; aborting the open transaction", extra=self._summary())
+        self._close(abort=True)
+        return 143 if self._force_stop else 1
+
+    def _close(self, abort: bool) -> None:
+        if self.producer is not None and abort:
+            try:
+                self._drop_inflight()
+                self.producer.abort(timeout=5.0)
+            except Exception as exc:  # noqa: BLE001 - the broker's timeout / next init aborts it anyway
+                log.warning("abort at close failed", extra={"error": str(exc)})
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+        if self.consumer is not None:
+            try:
+                # Static members keep their partitions through close (no LeaveGroup), so a
+                # restart under the same replica id resumes without a rebalance.
+                self.consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("consumer close failed", extra={"error": str(exc)})
+        if self.producer is not None:
+            self.producer.close()
+
+    def _summary(self) -> dict:
+        st = self.stats
+        return {"consumed": st.consumed, "scored": st.scored, "dead_letters": st.dead_letters,
+                "commits": st.commits, "aborts": st.aborts}
+
+    # ------------------------------------------------------------- callbacks
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            stats = orjson.loads(stats_json)
+        except orjson.JSONDecodeError:
+            return
+        total = 0
+        for tname, topic in stats.get("topics", {}).items():
+            for pid, p in topic.get("partitions", {}).items():
+                if pid == "-1" or (tname, int(pid)) not in self._assigned:
+                    continue
+                # librdkafka's consumer_lag compares with offsets the consumer committed itself,
+                # which transactional commits are not: measure from the application position.
+                end, pos = p.get("ls_offset", -1), p.get("app_offset", -1)
+                if end >= 0 and pos >= 0:
+                    lag = max(0, end - pos)
+                    self.metrics.consumer_lag.labels(tname, pid).set(lag)
+                    total += lag
+        self.stats.lag = total
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            log.error("fatal client error", extra={"error": err.str()})
+        else:
+            log.info("client error (librdkafka retries)", extra={"error": err.str(), "code": err.name()})
+
+
+def _names(tps: list[TopicPartition]) -> list[str]:
+    return [f"{tp.topic}[{tp.partition}]" for tp in tps]
