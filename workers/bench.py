@@ -1,0 +1,240 @@
+"""``sluice bench``: the worker against its ceiling, measured in one run.
+
+1. Preload an input topic with N synthetic flow events (a separate process,
+   so its memory is not counted).
+2. Ceiling: a bare consume → produce-in-a-transaction loop (no decoding, no
+   model) over the same topic; events/s from first fetch to last commit.
+3. Worker: the real pipeline (exactly once, model, dead letters) over the same
+   topic under another group; events/s from first fetch to last commit, and
+   peak RSS of this phase.
+4. Latency: a fresh topic fed at half the worker's measured rate while the
+   worker runs; p50/p99 from the event's timestamp to the moment its score is
+   readable with read_committed (what a SIEM sees), and to emit (the worker's
+   own part).
+
+Figures are ratios of one run on one machine; absolute numbers only with the
+machine named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from workers import logs
+from workers.config import load_settings
+from workers.kafka.admin import ensure_topics
+from workers.kafka.telemetry_producer import produce_telemetry
+from workers.pipeline import Pipeline
+
+MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "flow_classifier"
+PHASE_TIMEOUT_S = 600.0
+
+
+def _rss_reset() -> None:
+    try:  # Linux: "5" resets the peak-RSS watermark of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _rss_peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _preload(bootstrap: str, topic: str, count: int, seed: int) -> None:
+    cmd = [sys.executable, "-m", "workers", "produce", "--bootstrap-servers", bootstrap, "--topic", topic,
+           "--count", str(count), "--seed", str(seed), "--bad-fraction", "0.001"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def passthrough(bootstrap: str, topic: str, out_topic: str, count: int, commit_interval_s: float = 0.1) -> dict:
+    """The ceiling: consume → produce in a transaction → commit offsets, no work per event."""
+    c = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"bench-pt-{topic}", "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "isolation.level": "read_committed",
+        "fetch.max.bytes": 16 * 1024 * 1024, "queued.max.messages.kbytes": 32 * 1024,
+    })
+    p = Producer({
+        "bootstrap.servers": bootstrap, "transactional.id": f"bench-pt-{topic}-{os.getpid()}",
+        "linger.ms": 5, "batch.num.messages": 10_000, "compression.type": "lz4",
+        "queue.buffering.max.messages": 200_000,
+    })
+    p.init_transactions(30)
+    c.subscribe([topic])
+    n = 0
+    first = None
+    offsets: dict[tuple[str, int], int] = {}
+    txn_at = None
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    produce = p.produce
+    while n < count and time.monotonic() < deadline:
+        msgs = c.consume(2048, 0.05)
+        if msgs and first is None:
+            first = time.monotonic()
+        if msgs and txn_at is None:
+            p.begin_transaction()
+            txn_at = time.monotonic()
+        for m in msgs:
+            if m.error():
+                continue
+            try:
+                produce(out_topic, m.value(), m.key())
+            except BufferError:
+                p.poll(0.05)
+                produce(out_topic, m.value(), m.key())
+            offsets[(m.topic(), m.partition())] = m.offset() + 1
+            n += 1
+        if txn_at is not None and (time.monotonic() - txn_at >= commit_interval_s or n >= count):
+            p.send_offsets_to_transaction(
+                [TopicPartition(t, part, o) for (t, part), o in offsets.items()], c.consumer_group_metadata(), 30
+            )
+            p.commit_transaction(30)
+            txn_at = None
+    last = time.monotonic()
+    c.close()
+    return {"events": n, "seconds": last - (first or last), "eps": n / max(1e-9, last - (first or last))}
+
+
+def _worker_settings(bootstrap: str, topic: str, group: str, args) -> object:
+    return load_settings(
+        None, environ={},
+        kafka={"bootstrap_servers": bootstrap, "group_id": group, "input_topics": [topic], "replica_id": "bench-0"},
+        topics={"scores": f"{topic}-scores", "dlq": f"{topic}-dlq", "drift": f"{topic}-drift"},
+        model={"path": str(MODEL_PATH)},
+        batching={"max_batch_size": args.max_batch_size, "max_batch_delay_ms": 20, "max_inflight_batches": 4},
+        inference={"threads": args.threads},
+        transactions={"commit_interval_ms": 100},
+    )
+
+
+def _run_worker_until(pipeline: Pipeline, stop_when) -> None:
+    def watch():
+        deadline = time.monotonic() + PHASE_TIMEOUT_S
+        while time.monotonic() < deadline and not stop_when():
+            time.sleep(0.01)
+        pipeline.request_stop()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    pipeline.run()
+    t.join()
+
+
+def worker_throughput(bootstrap: str, topic: str, count: int, args) -> dict:
+    pipeline = Pipeline(_worker_settings(bootstrap, topic, f"bench-worker-{topic}", args))
+    pipeline.start()
+    _rss_reset()
+    committed = {"n": 0}
+    # Stop once everything consumed has been emitted and committed.
+    _run_worker_until(
+        pipeline,
+        lambda: pipeline.stats.consumed >= count and not pipeline._inflight
+        and not pipeline.producer.in_transaction and pipeline.stats.commits > 0,
+    )
+    st = pipeline.stats
+    committed["n"] = st.scored + st.dead_letters
+    secs = (st.last_commit_at or 0) - (st.first_fetch_at or 0)
+    return {
+        "events": committed["n"], "scored": st.scored, "dead_letters": st.dead_letters, "seconds": secs,
+        "eps": committed["n"] / max(1e-9, secs), "mean_batch": st.batch_events / max(1, st.batches),
+        "commits": st.commits, "peak_rss_mb": _rss_peak_mb(),
+    }
+
+
+def latency_at_rate(bootstrap: str, topic: str, rate: float, seconds: float, args) -> dict:
+    pipeline = Pipeline(_worker_settings(bootstrap, topic, f"bench-lat-{topic}", args))
+    pipeline.start()
+    count = int(rate * seconds)
+    seen: list[float] = []
+    reader_done = threading.Event()
+
+    def read_scores():
+        c = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": f"bench-reader-{topic}", "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed", "enable.auto.commit": False,
+        })
+        c.subscribe([f"{topic}-scores"])
+        deadline = time.monotonic() + seconds + 60
+        got = 0
+        while got < count * 0.99 and time.monotonic() < deadline and not reader_done.is_set():
+            for m in c.consume(5000, 0.05):
+                if m.error():
+                    continue
+                now = time.time()
+                seen.append(now - orjson.loads(m.value())["event_ts"])
+                got += 1
+        c.close()
+
+    reader = threading.Thread(target=read_scores, daemon=True)
+    reader.start()
+    feeder = threading.Thread(
+        target=produce_telemetry, args=(bootstrap, topic), kwargs={"count": count, "rate": rate, "seed": 99},
+        daemon=True,
+    )
+    feeder.start()
+    _run_worker_until(pipeline, lambda: not feeder.is_alive() and not reader.is_alive())
+    reader_done.set()
+    # Discard the first second: group join and warm-up are not steady state.
+    lat = np.array(seen[int(rate):] or seen or [np.nan])
+    emit = pipeline.stats.latency_quantile
+    return {
+        "offered_eps": rate, "events": len(seen),
+        "visible_p50_ms": float(np.quantile(lat, 0.5) * 1000), "visible_p99_ms": float(np.quantile(lat, 0.99) * 1000),
+        "emit_p50_ms": emit(0.5) * 1000, "emit_p99_ms": emit(0.99) * 1000,
+    }
+
+
+def run_bench(args) -> int:
+    logs.setup("WARNING", "text")
+    with ExitStack() as stack:
+        bootstrap = args.bootstrap_servers
+        if bootstrap is None:
+            from devbroker import DevBroker
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-bench-"))
+            bootstrap = stack.enter_context(DevBroker(data_dir=Path(tmp) / "broker", partitions=args.partitions)).bootstrap
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        run_id = f"{int(time.time())}"
+        topic = f"bench-in-{run_id}"
+        ensure_topics(admin, [topic, f"{topic}-lat"], args.partitions)
+        print(f"bench: preloading {args.events} events into {topic} ({args.partitions} partitions) ...", flush=True)
+        _preload(bootstrap, topic, args.events, seed=1)
+        pt = passthrough(bootstrap, topic, f"{topic}-pt-out", args.events)
+        print(f"bench: pass-through ceiling  {pt['eps']:10.0f} events/s ({pt['events']} in {pt['seconds']:.2f}s)", flush=True)
+        wk = worker_throughput(bootstrap, topic, args.events, args)
+        print(f"bench: worker (exactly once) {wk['eps']:10.0f} events/s ({wk['events']} in {wk['seconds']:.2f}s, "
+              f"mean batch {wk['mean_batch']:.0f}, peak RSS {wk['peak_rss_mb']:.0f} MiB)", flush=True)
+        ratio = wk["eps"] / pt["eps"] if pt["eps"] else float("nan")
+        print(f"bench: ratio worker/ceiling  {ratio:10.2f}", flush=True)
+        lat = latency_at_rate(bootstrap, f"{topic}-lat", wk["eps"] / 2, args.latency_seconds, args)
+        print(f"bench: at {lat['offered_eps']:.0f} events/s (half the worker's max): read_committed-visible "
+              f"p50={lat['visible_p50_ms']:.1f}ms p99={lat['visible_p99_ms']:.1f}ms; "
+              f"emit p50={lat['emit_p50_ms']:.1f}ms p99={lat['emit_p99_ms']:.1f}ms", flush=True)
+        result = {
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "broker": "devbroker" if args.bootstrap_servers is None else args.bootstrap_servers,
+            "passthrough": pt, "worker": wk, "ratio": ratio, "latency": lat,
+        }
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        print("bench: " + json.dumps({"ratio": round(ratio, 3), "worker_eps": round(wk["eps"]),
+                                      "ceiling_eps": round(pt["eps"]), "p99_ms": round(lat["visible_p99_ms"], 1),
+                                      "peak_rss_mb": round(wk["peak_rss_mb"])}))
+    return 0
