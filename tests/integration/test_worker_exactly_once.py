@@ -1,0 +1,142 @@
+"""The worker's exactly-once guarantee, through real processes and a real broker.
+
+Each test fails if the guarantee it names breaks: an input offset with no
+output (lost), with two outputs (duplicate), or an output for nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from workers.kafka.telemetry_producer import produce_telemetry
+
+from .worker_harness import (
+    WorkerProc,
+    assert_exactly_once,
+    committed_offsets,
+    outcome,
+    partition_ends,
+    wait_until,
+    worker_env,
+)
+
+PARTITIONS = 4
+
+
+def _count_outputs(bootstrap, topic):
+    from .worker_harness import read_all
+
+    return len(read_all(bootstrap, f"{topic}-scores", idle=0.5, timeout=5)) + len(
+        read_all(bootstrap, f"{topic}-dlq", idle=0.5, timeout=5)
+    )
+
+
+def test_sigkill_at_random_moments_then_restart_gives_exactly_one_output(bootstrap, new_topic, tmp_path):
+    """SIGKILL mid-stream, repeatedly, restarting under the same replica id ⇒ no loss, no duplicate."""
+    topic = new_topic(partitions=PARTITIONS, prefix="eos-kill")
+    total = 30_000
+    feeder = threading.Thread(
+        target=produce_telemetry, args=(bootstrap, topic),
+        kwargs={"count": total, "rate": 6000, "seed": 11, "bad_fraction": 0.02}, daemon=True,
+    )
+    feeder.start()
+    env = worker_env(bootstrap, topic, replica="r0", group=f"g-{topic}")
+    w = WorkerProc(env, tmp_path / "worker.log").start()
+    rng = random.Random(7)
+    for _ in range(3):
+        time.sleep(rng.uniform(1.5, 3.5))
+        assert w.alive(), w.log()[-3000:]
+        w.kill()
+        w.start()
+    feeder.join(60)
+    ends = partition_ends(bootstrap, topic, PARTITIONS)
+    assert sum(ends.values()) == total
+    wait_until(lambda: sum(committed_offsets(bootstrap, f"g-{topic}", topic, PARTITIONS).values()) == total,
+               timeout=90, what="the worker to commit every input offset")
+    assert w.terminate() == 0, w.log()[-3000:]
+    out = outcome(bootstrap, topic, total)
+    assert_exactly_once(out, topic, ends)
+    assert len(out.dead_letters) > 0.01 * total  # the malformed share went to the DLQ, not lost
+    assert w.exits[:3] == [-9, -9, -9]
+
+
+def test_replicas_joining_and_leaving_mid_stream_gives_exactly_one_output(bootstrap, new_topic, tmp_path):
+    """Two, then three replicas; one leaves with SIGTERM, one is SIGKILLed and comes back ⇒ still exactly once."""
+    topic = new_topic(partitions=PARTITIONS, prefix="eos-rebal")
+    total = 30_000
+    feeder = threading.Thread(
+        target=produce_telemetry, args=(bootstrap, topic),
+        kwargs={"count": total, "rate": 5000, "seed": 12, "bad_fraction": 0.01}, daemon=True,
+    )
+    feeder.start()
+    group = f"g-{topic}"
+    ws = {r: WorkerProc(worker_env(bootstrap, topic, replica=r, group=group), tmp_path / f"{r}.log") for r in "abc"}
+    ws["a"].start()
+    time.sleep(1.5)
+    ws["b"].start()
+    time.sleep(2.0)
+    ws["c"].start()
+    time.sleep(2.0)
+    assert ws["b"].terminate() == 0, ws["b"].log()[-3000:]
+    time.sleep(1.0)
+    ws["c"].kill()
+    time.sleep(1.0)
+    ws["c"].start()
+    feeder.join(60)
+    ends = partition_ends(bootstrap, topic, PARTITIONS)
+    # b left for good: as a static member its partitions move after the session timeout.
+    wait_until(lambda: sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) == total,
+               timeout=120, what="the replicas to commit every input offset")
+    for r in "ac":
+        assert ws[r].alive(), ws[r].log()[-3000:]
+        assert ws[r].terminate() == 0, ws[r].log()[-3000:]
+    assert_exactly_once(outcome(bootstrap, topic, total), topic, ends)
+
+
+def test_sigterm_commits_everything_consumed(bootstrap, new_topic, tmp_path):
+    """SIGTERM ⇒ drain, commit, exit 0: every consumed record's output is committed with its offset."""
+    topic = new_topic(partitions=2, prefix="eos-term")
+    total = 8_000
+    produce_telemetry(bootstrap, topic, count=total, seed=13, bad_fraction=0.01)
+    env = worker_env(bootstrap, topic, replica="r0", group=f"g-{topic}",
+                     SLUICE_TRANSACTIONS__COMMIT_INTERVAL_MS="60000")  # only the shutdown commits
+    w = WorkerProc(env, tmp_path / "worker.log").start()
+    wait_until(lambda: '"partitions assigned"' in w.log(), timeout=60, what="assignment")
+    time.sleep(2.0)
+    assert w.terminate() == 0, w.log()[-3000:]
+    committed = committed_offsets(bootstrap, f"g-{topic}", topic, 2)
+    n_committed = sum(o for o in committed.values() if o > 0)
+    out = outcome(bootstrap, topic, n_committed)
+    assert n_committed > 0
+    assert len(out.scores) + len(out.dead_letters) == n_committed
+    assert_exactly_once(out, topic, {p: max(o, 0) for p, o in committed.items()})
+    assert '"drained and committed; closing"' in w.log()
+
+
+@pytest.mark.parametrize("replica", ["solo"])
+def test_restart_with_same_replica_id_fences_the_zombie(bootstrap, new_topic, tmp_path, replica):
+    """A second process with the same replica id fences the first: the first exits non-zero, outputs stay exactly once."""
+    topic = new_topic(partitions=2, prefix="eos-fence")
+    total = 10_000
+    feeder = threading.Thread(
+        target=produce_telemetry, args=(bootstrap, topic), kwargs={"count": total, "rate": 4000, "seed": 14},
+        daemon=True,
+    )
+    feeder.start()
+    env = worker_env(bootstrap, topic, replica=replica, group=f"g-{topic}")
+    zombie = WorkerProc(env, tmp_path / "zombie.log").start()
+    wait_until(lambda: '"partitions assigned"' in zombie.log(), timeout=60, what="assignment")
+    time.sleep(1.0)
+    successor = WorkerProc(env, tmp_path / "successor.log").start()
+    wait_until(lambda: not zombie.alive(), timeout=60, what="the zombie to be fenced and exit")
+    assert zombie.proc.returncode != 0
+    feeder.join(60)
+    ends = partition_ends(bootstrap, topic, 2)
+    wait_until(lambda: sum(committed_offsets(bootstrap, f"g-{topic}", topic, 2).values()) == total,
+               timeout=90, what="the successor to commit every input offset")
+    assert successor.terminate() == 0, successor.log()[-3000:]
+    assert_exactly_once(outcome(bootstrap, topic, total), topic, ends)

@@ -1,0 +1,165 @@
+"""Helpers for the worker's integration tests: run `sluice run` as a real process,
+produce telemetry, and read the outputs back the way a SIEM would (read_committed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "flow_classifier"
+
+
+def worker_env(bootstrap: str, input_topic: str, replica: str, group: str, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "SLUICE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "SLUICE_KAFKA__GROUP_ID": group,
+            "SLUICE_KAFKA__INPUT_TOPICS": f'["{input_topic}"]',
+            "SLUICE_KAFKA__REPLICA_ID": replica,
+            "SLUICE_KAFKA__SESSION_TIMEOUT_MS": "6000",
+            "SLUICE_KAFKA__TRANSACTION_TIMEOUT_MS": "10000",
+            "SLUICE_TOPICS__SCORES": f"{input_topic}-scores",
+            "SLUICE_TOPICS__DLQ": f"{input_topic}-dlq",
+            "SLUICE_TOPICS__DRIFT": f"{input_topic}-drift",
+            "SLUICE_MODEL__PATH": str(MODEL),
+            "SLUICE_METRICS__PORT": "0",
+            "SLUICE_METRICS__HOST": "127.0.0.1",
+            "SLUICE_LOGGING__FORMAT": "json",
+            "SLUICE_TRANSACTIONS__COMMIT_INTERVAL_MS": "100",
+            "SLUICE_BATCHING__MAX_BATCH_SIZE": "256",
+        }
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+@dataclass
+class WorkerProc:
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    exits: list[int] = field(default_factory=list)
+
+    def start(self) -> "WorkerProc":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "run"], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.exits.append(self.proc.wait(30))
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.exits.append(code)
+        return code
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def read_all(bootstrap: str, topic: str, min_count: int = 0, timeout: float = 60.0, idle: float = 2.0) -> list:
+    """Every committed record of `topic` (read_committed), waiting for at least min_count."""
+    c = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"reader-{topic}-{time.monotonic_ns()}",
+        "auto.offset.reset": "earliest", "isolation.level": "read_committed", "enable.auto.commit": False,
+    })
+    c.subscribe([topic])
+    out: list = []
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    while time.monotonic() < deadline:
+        msgs = [m for m in c.consume(10_000, 0.2) if m.error() is None]
+        if msgs:
+            out.extend(msgs)
+            last_new = time.monotonic()
+        elif len(out) >= min_count and time.monotonic() - last_new > idle:
+            break
+    c.close()
+    return out
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                  "isolation.level": "read_committed"})
+    tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
+    c.close()
+    return {tp.partition: tp.offset for tp in tps}
+
+
+@dataclass
+class Outcome:
+    scores: list
+    dead_letters: list
+
+    def source_offsets(self) -> Counter:
+        """(topic, partition, offset) of every input record that got an output, with multiplicity."""
+        seen: Counter = Counter()
+        for m in self.scores:
+            src = orjson.loads(m.value())["source"]
+            seen[(src["topic"], src["partition"], src["offset"])] += 1
+        for m in self.dead_letters:
+            h = dict(m.headers())
+            seen[(h["sluice.source.topic"].decode(), int(h["sluice.source.partition"]),
+                  int(h["sluice.source.offset"]))] += 1
+        return seen
+
+    def event_ids(self) -> Counter:
+        return Counter(orjson.loads(m.value())["event_id"] for m in self.scores)
+
+    def reasons(self) -> Counter:
+        return Counter(dict(m.headers())["sluice.error.reason"].decode() for m in self.dead_letters)
+
+
+def outcome(bootstrap: str, input_topic: str, expected: int, timeout: float = 90.0) -> Outcome:
+    scores = read_all(bootstrap, f"{input_topic}-scores", timeout=timeout)
+    dlq = read_all(bootstrap, f"{input_topic}-dlq", timeout=timeout)
+    return Outcome(scores, dlq)
+
+
+def assert_exactly_once(out: Outcome, input_topic: str, partition_ends: dict[int, int]) -> None:
+    """Every input offset has exactly one output; no output for an offset that does not exist."""
+    seen = out.source_offsets()
+    dup = {k: v for k, v in seen.items() if v != 1}
+    assert not dup, f"{len(dup)} input offsets have more than one output, e.g. {list(dup.items())[:5]}"
+    expected = {(input_topic, p, o) for p, end in partition_ends.items() for o in range(end)}
+    missing = expected - set(seen)
+    extra = set(seen) - expected
+    assert not missing, f"{len(missing)} input records have no output, e.g. {sorted(missing)[:5]}"
+    assert not extra, f"{len(extra)} outputs for offsets never produced, e.g. {sorted(extra)[:5]}"
+    ids = out.event_ids()
+    dup_ids = [k for k, v in ids.items() if v > 1]
+    assert not dup_ids, f"event ids scored more than once: {dup_ids[:5]}"
+
+
+def partition_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "ends", "isolation.level": "read_committed"})
+    ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    c.close()
+    return ends
+
+
+def wait_until(pred, timeout: float, interval: float = 0.2, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
