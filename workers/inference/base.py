@@ -1,0 +1,85 @@
+"""The inference backend protocol and the backend registry.
+
+A backend scores a float32 feature matrix ``[n, f]`` (f = ``spec.n_columns``)
+into float32 scores ``[n]`` in [0, 1]. ``infer`` is called concurrently from the
+worker's inference threads, so it must be thread-safe; backends release the
+GIL while they run.
+
+Backends register a factory under a name in ``BACKENDS``; ``create_backend``
+picks one. A backend whose runtime or device is missing raises
+``BackendUnavailable`` with the install hint (never a silent CPU fallback).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from workers.features import ModelSpec
+
+__all__ = ["BackendUnavailable", "Backend", "BACKENDS", "register_backend", "create_backend", "known_backends"]
+
+
+class BackendUnavailable(RuntimeError):
+    """The configured backend or device cannot run here; the message says what to install or change."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str      # registry name, e.g. "onnxruntime"
+    device: str    # "cpu" | "cuda" | "cuda:1"
+
+    def load(self) -> None:
+        """Create the session/engine. Raises BackendUnavailable or ValueError (bad model file)."""
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        """Run each batch size once so the first real batch is not slow."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [n, f] -> float32 [n] scores in [0, 1]. Thread-safe."""
+
+    def describe(self) -> dict:
+        """name, device, providers, model name/version, input/output names."""
+
+
+# name -> factory(spec, device, threads) -> Backend (not loaded yet).
+# Factories import their runtime lazily, so a missing optional package only
+# matters when that backend is picked.
+BACKENDS: dict[str, Callable[..., Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[..., Backend]) -> None:
+    BACKENDS[name] = factory
+
+
+def known_backends() -> list[str]:
+    return sorted(BACKENDS)
+
+
+def create_backend(spec: "ModelSpec", backend: str = "onnxruntime", device: str = "cpu", threads: int = 1) -> Backend:
+    """Create and load the named backend for a model.
+
+    ``threads`` is the intra-op thread count of one call (the worker runs its own
+    pool of inference threads, hence 1 by default).
+    """
+    _register_builtin()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown inference backend {backend!r}; known backends: {', '.join(known_backends())}")
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    dev = str(device).lower()
+    if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:<index>'")
+    b = BACKENDS[backend](spec, device=dev, threads=threads)
+    b.load()
+    return b
+
+
+def _register_builtin() -> None:
+    if "onnxruntime" not in BACKENDS:
+        from workers.inference.onnxruntime_backend import OnnxRuntimeBackend
+
+        register_backend("onnxruntime", OnnxRuntimeBackend)
+    # "tensorrt" (native engine) and "torch" register here when they exist.
