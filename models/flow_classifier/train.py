@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Train the flow classifier: labelled synthetic flows -> features -> MLP -> model.onnx + baseline.json.
+
+    python models/flow_classifier/train.py [--seed 0] [--out DIR]
+
+Features come from ``workers.features.Featurizer`` over ``manifest.toml``: the
+exact code the worker serves with. Training is deterministic for a given seed
+(numpy + torch seeds, ``torch.use_deterministic_algorithms``, one thread), so
+rerunning it reproduces the committed artifacts. Needs the ``train`` extra:
+``pip install torch==2.13.0 onnx`` (CPU build). Runs in well under 2 minutes on
+2 CPU cores.
+
+baseline.json holds the serving-time reference distribution, measured on a
+fresh sample drawn like the demo/production stream (attack_fraction 0.05,
+drift 0):
+
+* per manifest feature, on ``FeatureBatch.raw`` (the value *before* transforms;
+  for categorical features the category code):
+  - numeric: ``edges`` = interior cut points of 10 quantile bins (duplicates
+    removed, so discrete features may have fewer bins); a value x falls in bin
+    ``searchsorted(edges, x, side="right")``; ``frequencies`` has
+    ``len(edges) + 1`` entries;
+  - categorical: ``codes`` with their ``labels``; bin i counts code
+    ``codes[i]``, the last bin counts any other code: ``frequencies`` has
+    ``len(codes) + 1`` entries;
+  - ``missing_rate``: share of events where the field was absent (defaulted);
+* ``score``: 10 equal-width bins on [0, 1] (``edges`` has the 11 bounds, the
+  last bin includes 1.0) and their frequencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# one thread before numpy/torch start their pools: determinism and the 2-core budget
+for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import numpy as np  # noqa: E402
+
+from workers import telemetry  # noqa: E402
+from workers.features import Featurizer, ModelSpec  # noqa: E402
+
+N_TRAIN = 240_000
+N_VALID = 40_000
+N_BASELINE = 100_000
+EPOCHS = 6
+BATCH = 512
+HIDDEN = (64, 32)
+LR = 3e-3
+SCORE_BINS = 10
+FEATURE_BINS = 10
+
+
+def auc(y: np.ndarray, s: np.ndarray) -> float:
+    """ROC AUC via the rank-sum (Mann-Whitney U) statistic, ties averaged."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s, dtype=np.float64)
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    _, start, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = start + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    npos, nneg = int(y.sum()), int((~y).sum())
+    if npos == 0 or nneg == 0:
+        return float("nan")
+    return float((ranks[y].sum() - npos * (npos + 1) / 2.0) / (npos * nneg))
+
+
+def metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
+    y = np.asarray(y).astype(bool)
+    pred = s >= threshold
+    tp = int((pred & y).sum())
+    fp = int((pred & ~y).sum())
+    fn = int((~pred & y).sum())
+    return {
+        "auc": round(auc(y, s), 6),
+        "precision": round(tp / max(tp + fp, 1), 6),
+        "recall": round(tp / max(tp + fn, 1), 6),
+        "false_positive_rate": round(fp / max(int((~y).sum()), 1), 6),
+        "n": int(len(y)),
+        "positives": int(y.sum()),
+    }
+
+
+def featurize(fz: Featurizer, values: list[bytes]):
+    fb = fz.featurize(values)
+    if fb.rejects:
+        raise SystemExit(f"training data has {len(fb.rejects)} rejects, first: {fb.rejects[0]}")
+    return fb
+
+
+def feature_baseline(spec: ModelSpec, raw: np.ndarray) -> list[dict]:
+    out = []
+    for j, f in enumerate(spec.features):
+        col = raw[:, j]
+        missing = np.isnan(col)
+        x = col[~missing]
+        entry: dict = {"name": f.name, "source": f.source, "kind": f.kind,
+                       "missing_rate": round(float(missing.mean()), 6) if len(col) else 0.0}
+        if f.kind == "numeric":
+            qs = np.quantile(x, np.linspace(0, 1, FEATURE_BINS + 1)[1:-1]) if len(x) else np.array([])
+            edges = np.unique(np.round(qs, 6))
+            counts = np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1)
+            entry.update(binning="quantile", value="raw", edges=[float(e) for e in edges],
+                         min=float(x.min()) if len(x) else None, max=float(x.max()) if len(x) else None)
+        else:
+            cats = f.categories
+            codes = np.unique(x.astype(np.int64)) if f.transform[-1].op == "flags" else np.arange(len(cats))
+            idx = np.searchsorted(codes, x.astype(np.int64))
+            idx = np.where((idx < len(codes)) & (codes[np.minimum(idx, len(codes) - 1)] == x), idx, len(codes))
+            counts = np.bincount(idx, minlength=len(codes) + 1)
+            entry.update(binning="category", value="code", codes=[int(c) for c in codes],
+                         labels=[cats[int(c)] if int(c) < len(cats) else str(int(c)) for c in codes])
+        total = max(int(counts.sum()), 1)
+        entry["frequencies"] = [round(float(c) / total, 6) for c in counts]
+        out.append(entry)
+    return out
+
+
+def score_baseline(scores: np.ndarray) -> dict:
+    edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
+    idx = np.clip((scores * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+    counts = np.bincount(idx, minlength=SCORE_BINS)
+    return {"binning": "equal_width", "edges": [round(float(e), 6) for e in edges],
+            "frequencies": [round(float(c) / max(len(scores), 1), 6) for c in counts]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0, help="training seed (data and weights)")
+    ap.add_argument("--out", type=pathlib.Path, default=HERE, help="where to write model.onnx and baseline.json")
+    ap.add_argument("--train-size", type=int, default=N_TRAIN)
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    args = ap.parse_args(argv)
+
+    try:
+        import torch
+    except ImportError:
+        print("train.py needs torch: pip install torch==2.13.0 onnx  (CPU build)", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1) if hasattr(torch, "set_num_interop_threads") else None
+
+    spec = ModelSpec.load(HERE)
+    fz = Featurizer(spec)
+    # disjoint seeds for train / validation / baseline / test data
+    s = args.seed * 10
+    tr = telemetry.generate_labelled(spec.event_kind, args.train_size, seed=s + 1, attack_fraction=0.25)
+    va = telemetry.generate_labelled(spec.event_kind, N_VALID, seed=s + 2, attack_fraction=0.05)
+    bl = telemetry.generate_labelled(spec.event_kind, N_BASELINE, seed=s + 3, attack_fraction=0.05)
+    X = featurize(fz, tr.values).matrix
+    y = tr.label.astype(np.float32)
+    Xv = featurize(fz, va.values).matrix
+    fb_bl = featurize(fz, bl.values)
+    print(f"data: train {X.shape} ({y.mean():.1%} attacks), valid {Xv.shape}, baseline {fb_bl.matrix.shape} "
+          f"in {time.perf_counter() - t0:.1f}s")
+
+    layers: list = []
+    width = spec.n_columns
+    for h in HIDDEN:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    layers += [torch.nn.Linear(width, 1)]
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    Xt = torch.from_numpy(X)
+    yt = torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(args.seed)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * ((len(X) + BATCH - 1) // BATCH))
+    for epoch in range(args.epochs):
+        net.train()
+        perm = torch.randperm(len(X), generator=gen)
+        total = 0.0
+        for i in range(0, len(X), BATCH):
+            idx = perm[i : i + BATCH]
+            opt.zero_grad()
+            loss = loss_fn(net(Xt[idx]).squeeze(-1), yt[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        net.eval()
+        with torch.no_grad():
+            sv = torch.sigmoid(net(torch.from_numpy(Xv)).squeeze(-1)).numpy()
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(X):.4f}  valid auc {auc(va.label, sv):.4f}")
+
+    class Scorer(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return torch.sigmoid(self.body(x)).squeeze(-1)
+
+    scorer = Scorer(net).eval()
+    args.out.mkdir(parents=True, exist_ok=True)
+    onnx_path = args.out / spec.onnx_path.name
+    example = torch.zeros(2, spec.n_columns)
+    torch.onnx.export(
+        scorer, (example,), str(onnx_path), dynamo=False, opset_version=17,
+        input_names=[spec.input_name], output_names=[spec.output_name],
+        dynamic_axes={spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}},
+        do_constant_folding=True,
+    )
+    _stamp_onnx(onnx_path, spec)
+
+    # everything below scores with the exported ONNX through the serving backend
+    from workers.inference import create_backend
+
+    served = ModelSpec.load(HERE)
+    if args.out.resolve() != HERE.resolve():
+        import dataclasses
+
+        served = dataclasses.replace(served, onnx_path=onnx_path, baseline_path=args.out / spec.baseline_path.name)
+    backend = create_backend(served, "onnxruntime", "cpu", threads=1)
+    with torch.no_grad():
+        torch_scores = scorer(torch.from_numpy(Xv)).numpy()
+    ort_scores = backend.infer(Xv)
+    max_diff = float(np.abs(torch_scores - ort_scores).max())
+    if max_diff > 1e-5:
+        raise SystemExit(f"ONNX export differs from torch by {max_diff}")
+
+    bl_scores = backend.infer(fb_bl.matrix)
+    te = telemetry.generate_labelled(spec.event_kind, N_VALID, seed=s + 4, attack_fraction=0.05)
+    te_scores = backend.infer(featurize(fz, te.values).matrix)
+    per_attack = {}
+    for name in sorted(set(te.subtype.tolist())):
+        m = te.subtype == name
+        per_attack[name] = round(float((te_scores[m] >= spec.threshold).mean()), 4)
+    baseline = {
+        "model": spec.name,
+        "version": spec.version,
+        "columns": list(spec.columns),
+        "features": feature_baseline(spec, fb_bl.raw),
+        "score": {"name": spec.score_name, **score_baseline(bl_scores)},
+        "reference": {"events": N_BASELINE, "seed": s + 3, "attack_fraction": 0.05, "drift": 0.0},
+        "training": {
+            "seed": args.seed, "train_events": int(len(X)), "epochs": args.epochs, "hidden": list(HIDDEN),
+            "torch": torch.__version__.split("+")[0],
+            "test_metrics": metrics(te.label, te_scores, spec.threshold),
+            "test_flagged_share_by_subtype": per_attack,
+        },
+    }
+    (args.out / spec.baseline_path.name).write_text(json.dumps(baseline, indent=1) + "\n")
+    print(f"test: {json.dumps(baseline['training']['test_metrics'])}")
+    print(f"flagged share by subtype: {json.dumps(per_attack)}")
+    print(f"wrote {onnx_path} and {args.out / spec.baseline_path.name} in {time.perf_counter() - t0:.1f}s "
+          f"(torch vs onnxruntime max diff {max_diff:.2e})")
+    return 0
+
+
+def _stamp_onnx(path: pathlib.Path, spec: ModelSpec) -> None:
+    """Record the model name/version in the ONNX metadata (no timestamps: reproducible bytes)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    m.producer_name = "sluice/models/flow_classifier/train.py"
+    m.model_version = int(spec.version.split(".")[0])
+    del m.metadata_props[:]
+    for k, v in (("model", spec.name), ("version", spec.version), ("score", spec.score_name),
+                 ("columns", ",".join(spec.columns))):
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
