@@ -1,0 +1,291 @@
+"""devbroker through a raw Kafka-protocol client (kio codecs over a socket), for
+semantics real clients do not let a test provoke on demand: duplicate and
+out-of-order sequences, corrupt batches, unadded transactional partitions,
+fetch long polling and max-bytes rules, UNSTABLE_OFFSET_COMMIT."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import socket
+import struct
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from crc32c import crc32c
+from kio.schema.errors import ErrorCode
+from kio.schema.request_header.v1.header import RequestHeader as H1
+from kio.schema.request_header.v2.header import RequestHeader as H2
+from kio.serial import entity_reader, entity_writer
+
+pytestmark = pytest.mark.devbroker_only
+
+
+def make_batch(n: int = 3, pid: int = -1, epoch: int = -1, seq: int = -1, txn: bool = False,
+               size: int = 2) -> bytes:
+    recs = b""
+    for i in range(n):
+        val = b"v" * size
+        body = bytes([0, 0, (i * 2) & 0x7F, 1]) + _varint(len(val)) + val + b"\x00"
+        recs += _varint(len(body)) + body
+    ts = int(time.time() * 1000)
+    after = struct.pack(">hiqqqhii", 0x10 if txn else 0, n - 1, ts, ts, pid, epoch, seq, n) + recs
+    return struct.pack(">qiibI", 0, 9 + len(after), 0, 2, crc32c(after)) + after
+
+
+def _varint(v: int) -> bytes:
+    v = (v << 1) ^ (v >> 63)
+    out = b""
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+
+
+def _entity(mod, kind: str):
+    return next(v for v in vars(mod).values()
+                if isinstance(v, type) and v.__module__ == mod.__name__
+                and getattr(getattr(v, "__type__", None), "name", None) == kind)
+
+
+class RawClient:
+    """One connection; requests are built from kio request classes by api name/version."""
+
+    def __init__(self, bootstrap: str):
+        host, port = bootstrap.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.corr = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def mod(self, api: str, version: int, kind: str):
+        return importlib.import_module(f"kio.schema.{api}.v{version}.{kind}")
+
+    def call(self, api: str, version: int, **fields):
+        req_mod = self.mod(api, version, "request")
+        resp_mod = self.mod(api, version, "response")
+        req_cls = _entity(req_mod, "request")
+        resp_cls = _entity(resp_mod, "response")
+        self.corr += 1
+        hcls = H2 if req_cls.__flexible__ else H1
+        buf = io.BytesIO()
+        entity_writer(hcls)(buf, hcls(request_api_key=req_cls.__api_key__, request_api_version=version,
+                                      correlation_id=self.corr, client_id="raw"))
+        entity_writer(req_cls)(buf, req_cls(**fields))
+        data = buf.getvalue()
+        self.sock.sendall(struct.pack(">i", len(data)) + data)
+        if api == "produce" and fields.get("acks") == 0:
+            return None
+        size = struct.unpack(">i", self._read(4))[0]
+        frame = self._read(size)
+        hdr_cls = resp_cls.__header_schema__
+        hdr, n = entity_reader(hdr_cls)(frame, 0)
+        assert hdr.correlation_id == self.corr
+        resp, _ = entity_reader(resp_cls)(frame, n)
+        return resp
+
+    def _read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed")
+            out += chunk
+        return out
+
+    # -- helpers ------------------------------------------------------------------------------
+    def produce(self, topic: str, partition: int, records: bytes, txn_id: str | None = None):
+        m = self.mod("produce", 9, "request")
+        resp = self.call("produce", 9, transactional_id=txn_id, acks=-1, timeout=timedelta(seconds=5),
+                         topic_data=(m.TopicProduceData(name=topic, partition_data=(
+                             m.PartitionProduceData(index=partition, records=records),)),))
+        p = resp.responses[0].partition_responses[0]
+        return p.error_code, p.base_offset
+
+    def fetch(self, topic: str, partition: int, offset: int, max_wait_ms: int = 0, min_bytes: int = 1,
+              max_bytes: int = 1 << 20, isolation: int = 0):
+        m = self.mod("fetch", 12, "request")
+        resp = self.call("fetch", 12, replica_id=-1, max_wait=timedelta(milliseconds=max_wait_ms),
+                         min_bytes=min_bytes, max_bytes=max_bytes, isolation_level=isolation,
+                         session_id=0, session_epoch=-1,
+                         topics=(m.FetchTopic(topic=topic, partitions=(
+                             m.FetchPartition(partition=partition, fetch_offset=offset,
+                                              partition_max_bytes=max_bytes),)),),
+                         forgotten_topics_data=(), rack_id="")
+        return resp.responses[0].partitions[0]
+
+    def init_pid(self, txn_id: str | None = None, timeout_ms: int = 60000):
+        r = self.call("init_producer_id", 4, transactional_id=txn_id,
+                      transaction_timeout=timedelta(milliseconds=timeout_ms), producer_id=-1, producer_epoch=-1)
+        assert r.error_code == ErrorCode.none, r
+        return r.producer_id, r.producer_epoch
+
+
+@pytest.fixture
+def raw(bootstrap):
+    c = RawClient(bootstrap)
+    yield c
+    c.close()
+
+
+def test_idempotent_duplicate_is_acknowledged_with_original_offset_and_not_appended(raw, new_topic):
+    t = new_topic()
+    pid, epoch = raw.init_pid()
+    b0 = make_batch(3, pid, epoch, 0)
+    assert raw.produce(t, 0, b0) == (ErrorCode.none, 0)
+    assert raw.produce(t, 0, make_batch(2, pid, epoch, 3)) == (ErrorCode.none, 3)
+    assert raw.produce(t, 0, b0) == (ErrorCode.none, 0)  # retry of the first batch
+    assert raw.fetch(t, 0, 0).high_watermark == 5
+
+
+def test_out_of_order_sequence_and_stale_epoch_rejected(raw, new_topic):
+    t = new_topic()
+    pid, epoch = raw.init_pid()
+    assert raw.produce(t, 0, make_batch(2, pid, epoch, 0))[0] == ErrorCode.none
+    assert raw.produce(t, 0, make_batch(1, pid, epoch, 5))[0] == ErrorCode.out_of_order_sequence_number
+    assert raw.produce(t, 0, make_batch(1, pid, epoch + 1, 0))[0] == ErrorCode.none
+    assert raw.produce(t, 0, make_batch(1, pid, epoch, 2))[0] == ErrorCode.invalid_producer_epoch
+    assert raw.fetch(t, 0, 0).high_watermark == 3
+
+
+def test_corrupt_batch_rejected(raw, new_topic):
+    t = new_topic()
+    b = bytearray(make_batch(2))
+    b[-2] ^= 0x55
+    assert raw.produce(t, 0, bytes(b))[0] == ErrorCode.corrupt_message
+    assert raw.fetch(t, 0, 0).high_watermark == 0
+
+
+def test_transactional_produce_to_partition_not_in_txn_is_rejected(raw, new_topic):
+    t = new_topic(partitions=2)
+    pid, epoch = raw.init_pid("raw-txn-unadded")
+    m = raw.mod("add_partitions_to_txn", 3, "request")
+    r = raw.call("add_partitions_to_txn", 3, v3_and_below_transactional_id="raw-txn-unadded",
+                 v3_and_below_producer_id=pid, v3_and_below_producer_epoch=epoch,
+                 v3_and_below_topics=(m.AddPartitionsToTxnTopic(name=t, partitions=(0,)),))
+    assert r.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code == ErrorCode.none
+    ok = raw.produce(t, 0, make_batch(1, pid, epoch, 0, txn=True), txn_id="raw-txn-unadded")
+    assert ok[0] == ErrorCode.none
+    bad = raw.produce(t, 1, make_batch(1, pid, epoch, 0, txn=True), txn_id="raw-txn-unadded")
+    assert bad[0] == ErrorCode.invalid_txn_state
+    p = raw.fetch(t, 0, 0)
+    assert p.high_watermark == 1 and p.last_stable_offset == 0
+
+
+def test_fetch_long_poll_wakes_on_produce(raw, bootstrap, new_topic):
+    t = new_topic()
+
+    def later():
+        time.sleep(0.3)
+        c = RawClient(bootstrap)
+        c.produce(t, 0, make_batch(1))
+        c.close()
+
+    th = threading.Thread(target=later)
+    th.start()
+    t0 = time.monotonic()
+    p = raw.fetch(t, 0, 0, max_wait_ms=5000, min_bytes=1)
+    waited = time.monotonic() - t0
+    th.join()
+    assert p.records and p.high_watermark == 1
+    assert 0.2 < waited < 3.0
+    t0 = time.monotonic()
+    p = raw.fetch(t, 0, 1, max_wait_ms=300, min_bytes=1)
+    assert not p.records and time.monotonic() - t0 >= 0.25
+
+
+def test_fetch_returns_one_whole_batch_larger_than_max_bytes(raw, new_topic):
+    t = new_topic()
+    big = make_batch(5, size=100)
+    raw.produce(t, 0, big)
+    raw.produce(t, 0, make_batch(1))
+    p = raw.fetch(t, 0, 0, max_bytes=50)
+    assert len(p.records) == len(big)
+    p = raw.fetch(t, 0, 0, max_bytes=len(big) + 10)
+    assert len(p.records) == len(big)
+    p = raw.fetch(t, 0, 2, max_bytes=1 << 20)  # from inside the first batch
+    assert len(p.records) > len(big)
+    assert raw.fetch(t, 0, 99).error_code == ErrorCode.offset_out_of_range
+
+
+def test_api_versions_unknown_version_answers_v0_with_error(raw):
+    from kio.schema.api_versions.v0.response import ApiVersionsResponse
+
+    data = struct.pack(">hhih", 18, 99, 7, 3) + b"raw" + b"\x00" * 4
+    raw.sock.sendall(struct.pack(">i", len(data)) + data)
+    size = struct.unpack(">i", raw._read(4))[0]
+    frame = raw._read(size)
+    assert struct.unpack_from(">i", frame, 0)[0] == 7
+    resp, _ = entity_reader(ApiVersionsResponse)(frame, 4)
+    assert resp.error_code == ErrorCode.unsupported_version
+    assert any(k.api_key == 0 for k in resp.api_keys)
+
+
+def test_offset_fetch_require_stable_reports_pending_txn_offsets(raw, new_topic):
+    t = new_topic()
+    tid, group = "raw-txn-stable", "g-raw-stable"
+    pid, epoch = raw.init_pid(tid)
+    r = raw.call("add_offsets_to_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch,
+                 group_id=group)
+    assert r.error_code == ErrorCode.none
+    m = raw.mod("txn_offset_commit", 3, "request")
+    r = raw.call("txn_offset_commit", 3, transactional_id=tid, group_id=group, producer_id=pid,
+                 producer_epoch=epoch, generation_id=-1, member_id="", group_instance_id=None,
+                 topics=(m.TxnOffsetCommitRequestTopic(name=t, partitions=(
+                     m.TxnOffsetCommitRequestPartition(partition_index=0, committed_offset=5,
+                                                       committed_leader_epoch=-1,
+                                                       committed_metadata=""),)),))
+    assert r.topics[0].partitions[0].error_code == ErrorCode.none
+
+    def offset_fetch(stable: bool):
+        fm = raw.mod("offset_fetch", 7, "request")
+        resp = raw.call("offset_fetch", 7, group_id=group, require_stable=stable,
+                        topics=(fm.OffsetFetchRequestTopic(name=t, partition_indexes=(0,)),))
+        return resp.topics[0].partitions[0]
+
+    assert offset_fetch(True).error_code == ErrorCode.unstable_offset_commit
+    assert offset_fetch(False).committed_offset == -1  # not visible before commit
+    r = raw.call("end_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch, committed=True)
+    assert r.error_code == ErrorCode.none
+    p = offset_fetch(True)
+    assert p.error_code == ErrorCode.none and p.committed_offset == 5
+    # a second EndTxn with the same outcome is a harmless retry; the other outcome is not
+    r = raw.call("end_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch, committed=True)
+    assert r.error_code == ErrorCode.none
+    r = raw.call("end_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch, committed=False)
+    assert r.error_code == ErrorCode.invalid_txn_state
+
+
+def test_session_timeout_evicts_a_silent_member(raw, bootstrap):
+    group = f"g-raw-session-{time.time_ns()}"
+    jm = raw.mod("join_group", 5, "request")
+    proto = (jm.JoinGroupRequestProtocol(name="range", metadata=b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"),)
+
+    def join(member_id=""):
+        return raw.call("join_group", 5, group_id=group, session_timeout=timedelta(milliseconds=500),
+                        rebalance_timeout=timedelta(milliseconds=2000), member_id=member_id,
+                        group_instance_id=None, protocol_type="consumer", protocols=proto)
+
+    r = join()
+    assert r.error_code == ErrorCode.member_id_required
+    r = join(r.member_id)
+    assert r.error_code == ErrorCode.none and r.leader == r.member_id and r.generation_id == 1
+    member = r.member_id
+    s = raw.call("sync_group", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None,
+                 assignments=())
+    assert s.error_code == ErrorCode.none
+    h = raw.call("heartbeat", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None)
+    assert h.error_code == ErrorCode.none
+    h = raw.call("heartbeat", 3, group_id=group, generation_id=0, member_id=member, group_instance_id=None)
+    assert h.error_code == ErrorCode.illegal_generation
+    time.sleep(0.9)
+    h = raw.call("heartbeat", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None)
+    assert h.error_code == ErrorCode.unknown_member_id
+    d = raw.call("describe_groups", 5, groups=(group,), include_authorized_operations=False)
+    assert d.groups[0].group_state == "Empty" and d.groups[0].members == ()
