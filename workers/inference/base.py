@@ -44,10 +44,26 @@ class Backend(Protocol):
         """name, device, providers, model name/version, input/output names."""
 
 
-# name -> factory(spec, device, threads) -> Backend (not loaded yet).
-# Factories import their runtime lazily, so a missing optional package only
-# matters when that backend is picked.
-BACKENDS: dict[str, Callable[..., Backend]] = {}
+def _lazy(module: str, cls: str) -> Callable[..., Backend]:
+    """A factory that imports its module on first use (optional runtimes stay optional)."""
+
+    def factory(spec: "ModelSpec", device: str = "cpu", threads: int = 1) -> Backend:
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)(spec, device=device, threads=threads)
+
+    factory.__qualname__ = f"{module}.{cls}"
+    return factory
+
+
+# name -> factory(spec, device=..., threads=...) -> Backend (not loaded yet).
+# To add a backend: write workers/inference/<name>_backend.py with a class that
+# satisfies `Backend`, and add it here (or call register_backend at import).
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    "onnxruntime": _lazy("workers.inference.onnxruntime_backend", "OnnxRuntimeBackend"),
+    # "tensorrt": _lazy("workers.inference.tensorrt_backend", "TensorRTBackend"),
+    # "torch": _lazy("workers.inference.torch_backend", "TorchBackend"),
+}
 
 
 def register_backend(name: str, factory: Callable[..., Backend]) -> None:
@@ -64,7 +80,6 @@ def create_backend(spec: "ModelSpec", backend: str = "onnxruntime", device: str 
     ``threads`` is the intra-op thread count of one call (the worker runs its own
     pool of inference threads, hence 1 by default).
     """
-    _register_builtin()
     if backend not in BACKENDS:
         raise ValueError(f"unknown inference backend {backend!r}; known backends: {', '.join(known_backends())}")
     if not isinstance(threads, int) or threads < 1:
@@ -76,10 +91,3 @@ def create_backend(spec: "ModelSpec", backend: str = "onnxruntime", device: str 
     b.load()
     return b
 
-
-def _register_builtin() -> None:
-    if "onnxruntime" not in BACKENDS:
-        from workers.inference.onnxruntime_backend import OnnxRuntimeBackend
-
-        register_backend("onnxruntime", OnnxRuntimeBackend)
-    # "tensorrt" (native engine) and "torch" register here when they exist.
