@@ -1,0 +1,105 @@
+"""Consumer groups through librdkafka: partition sharing and rebalance on
+join/leave, cooperative-sticky, and static membership (KIP-345)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from confluent_kafka import Consumer
+
+
+class Member:
+    """A consumer polled on its own thread, recording its assignments."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, **extra):
+        conf = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 100, "topic.metadata.refresh.interval.ms": 1000}
+        conf.update(extra)
+        self.c = Consumer(conf)
+        self.assigned: set[int] = set()
+        self.assign_calls = 0
+        self.revoke_calls = 0
+        self.lock = threading.Lock()
+        self.stop_flag = False
+        self.cooperative = conf.get("partition.assignment.strategy") == "cooperative-sticky"
+        self.c.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _on_assign(self, c, parts):
+        with self.lock:
+            self.assign_calls += 1
+            if self.cooperative:
+                self.assigned |= {p.partition for p in parts}
+            else:
+                self.assigned = {p.partition for p in parts}
+
+    def _on_revoke(self, c, parts):
+        with self.lock:
+            self.revoke_calls += 1
+            self.assigned -= {p.partition for p in parts}
+
+    def _run(self):
+        while not self.stop_flag:
+            self.c.poll(0.05)
+
+    def close(self, leave: bool = True):
+        self.stop_flag = True
+        self.t.join()
+        self.c.close()
+
+
+def wait_for(cond, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def test_two_members_share_partitions_and_survivor_takes_all_after_leave(bootstrap, new_topic):
+    t = new_topic(partitions=4)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    a = Member(bootstrap, group, t)
+    assert wait_for(lambda: a.assigned == {0, 1, 2, 3})
+    b = Member(bootstrap, group, t)
+    assert wait_for(lambda: len(a.assigned) == 2 and len(b.assigned) == 2 and not a.assigned & b.assigned)
+    b.close()
+    assert wait_for(lambda: a.assigned == {0, 1, 2, 3})
+    a.close()
+
+
+def test_cooperative_sticky_members_split_partitions(bootstrap, new_topic):
+    t = new_topic(partitions=4)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    extra = {"partition.assignment.strategy": "cooperative-sticky"}
+    a = Member(bootstrap, group, t, **extra)
+    assert wait_for(lambda: a.assigned == {0, 1, 2, 3})
+    b = Member(bootstrap, group, t, **extra)
+    assert wait_for(lambda: len(a.assigned) == 2 and len(b.assigned) == 2 and not a.assigned & b.assigned)
+    b.close()
+    assert wait_for(lambda: a.assigned == {0, 1, 2, 3})
+    a.close()
+
+
+def test_static_member_rejoins_without_rebalance(bootstrap, new_topic):
+    t = new_topic(partitions=4)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    a = Member(bootstrap, group, t, **{"group.instance.id": "static-a"})
+    b = Member(bootstrap, group, t, **{"group.instance.id": "static-b"})
+    assert wait_for(lambda: len(a.assigned) == 2 and len(b.assigned) == 2 and not a.assigned & b.assigned)
+    time.sleep(1.0)  # let any trailing rebalance settle
+    a_calls = a.assign_calls
+    b_parts = set(b.assigned)
+    b.close()  # a static member does not leave the group on close
+    b2 = Member(bootstrap, group, t, **{"group.instance.id": "static-b"})
+    assert wait_for(lambda: b2.assigned == b_parts)
+    time.sleep(1.0)
+    assert a.assign_calls == a_calls, "the other member saw a rebalance"
+    assert b2.assigned == b_parts
+    a.close()
+    b2.close()
