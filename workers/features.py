@@ -47,7 +47,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "REASONS", "FeatureSpec", "Step", "ModelSpec", "Featurizer", "FeatureBatch", "Reject",
-    "TCP_FLAG_BITS", "repo_root",
+    "TCP_FLAG_BITS", "repo_root", "Baseline", "FeatureBins", "psi",
 ]
 
 #: reject reason codes (dead-letter header values)
@@ -738,3 +738,87 @@ class Featurizer:
             return _truncate(obj.get(fld) if isinstance(obj, dict) else obj)
         except Exception:  # noqa: BLE001
             return "?"
+
+
+# ----------------------------------------------------------------------------- baseline bins
+
+
+@dataclass(frozen=True)
+class FeatureBins:
+    name: str
+    kind: str                 # "numeric" | "categorical"
+    edges: np.ndarray         # numeric: interior cut points; categorical: sorted codes
+    reference: np.ndarray     # float64 [n_bins]: training frequencies
+    missing_rate: float
+
+    @property
+    def n_bins(self) -> int:
+        return len(self.reference)
+
+    def counts(self, col: np.ndarray) -> tuple[np.ndarray, int]:
+        """(int64 counts per bin, missing count) of one ``FeatureBatch.raw`` column."""
+        missing = np.isnan(col)
+        x = col[~missing]
+        if self.kind == "numeric":
+            idx = np.searchsorted(self.edges, x, side="right")
+        else:
+            codes = self.edges
+            j = np.minimum(np.searchsorted(codes, x), max(len(codes) - 1, 0))
+            idx = np.where((len(codes) > 0) & (codes[j] == x), j, len(codes))  # last bin: any other code
+        return np.bincount(idx, minlength=self.n_bins).astype(np.int64), int(missing.sum())
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """``baseline.json`` as bins: turn a batch into mergeable drift counts.
+
+    Bin semantics are those ``train.py`` used to build the reference frequencies.
+    """
+
+    model: str
+    version: str
+    features: tuple[FeatureBins, ...]   # same order as ModelSpec.features / FeatureBatch.raw columns
+    score_edges: np.ndarray             # 11 bounds of 10 equal-width bins on [0, 1]
+    score_reference: np.ndarray
+
+    @classmethod
+    def load(cls, spec_or_path: "ModelSpec | str | pathlib.Path") -> "Baseline":
+        spec = spec_or_path if isinstance(spec_or_path, ModelSpec) else None
+        path = spec.baseline_path if spec else pathlib.Path(spec_or_path)
+        try:
+            doc = json.loads(path.read_text())
+            feats = []
+            for f in doc["features"]:
+                edges = f["edges"] if f["kind"] == "numeric" else f["codes"]
+                feats.append(FeatureBins(f["name"], f["kind"], np.asarray(edges, dtype=np.float64),
+                                         np.asarray(f["frequencies"], dtype=np.float64), float(f["missing_rate"])))
+            b = cls(doc["model"], doc["version"], tuple(feats),
+                    np.asarray(doc["score"]["edges"], dtype=np.float64),
+                    np.asarray(doc["score"]["frequencies"], dtype=np.float64))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a usable baseline ({type(e).__name__}: {e}); retrain with train.py") from None
+        if spec is not None and [f.name for f in b.features] != [f.name for f in spec.features]:
+            raise ValueError(f"{path}: features {[f.name for f in b.features]} do not match "
+                             f"{spec.manifest_path} {[f.name for f in spec.features]}; retrain with train.py")
+        return b
+
+    def feature_counts(self, raw: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """Per feature: (counts per bin, missing count) of a ``FeatureBatch.raw`` matrix."""
+        return [fb.counts(raw[:, j]) for j, fb in enumerate(self.features)]
+
+    def score_counts(self, scores: np.ndarray) -> np.ndarray:
+        """Counts of scores in the 10 equal-width bins (1.0 falls in the last; NaN is not counted)."""
+        s = np.asarray(scores, dtype=np.float64)
+        s = s[np.isfinite(s)]
+        n = len(self.score_reference)
+        return np.bincount(np.clip((s * n).astype(np.int64), 0, n - 1), minlength=n).astype(np.int64)
+
+
+def psi(reference: np.ndarray, counts: np.ndarray, eps: float = 1e-4) -> float:
+    """Population stability index of observed counts against reference frequencies."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    obs = counts / total
+    ref = np.asarray(reference, dtype=np.float64)
+    return float(np.sum((obs - ref) * np.log((obs + eps) / (ref + eps))))

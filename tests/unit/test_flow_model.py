@@ -103,3 +103,23 @@ def test_train_py_reproduces_the_committed_artifacts(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "baseline.json").read_text() == (MODEL / "baseline.json").read_text()
     assert (tmp_path / "model.onnx").read_bytes() == (MODEL / "model.onnx").read_bytes()
+
+
+def test_baseline_bins_give_low_psi_on_the_default_stream_and_high_under_drift(parts):
+    from workers.features import Baseline, psi
+
+    spec, fz, be = parts
+    bl = Baseline.load(spec)
+
+    def psis(drift):
+        values = [v for _, v, _ in telemetry.generate("flow", 20_000, seed=555, drift=drift)]
+        fb = fz.featurize(values)
+        out = {f.name: psi(f.reference, c) for f, (c, _) in zip(bl.features, bl.feature_counts(fb.raw))}
+        out["score"] = psi(bl.score_reference, bl.score_counts(be.infer(fb.matrix)))
+        return out
+
+    calm, drifted = psis(0.0), psis(2.0)
+    assert max(calm.values()) < 0.05, calm
+    assert drifted["bytes_in"] > 0.1 and drifted["protocol"] > 0.1, drifted
+    counts, missing = bl.feature_counts(np.full((3, len(bl.features)), np.nan))[0]
+    assert counts.sum() == 0 and missing == 3
