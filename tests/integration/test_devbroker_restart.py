@@ -1,0 +1,147 @@
+"""devbroker restarts (SIGTERM and SIGKILL) keep records, committed offsets,
+producer and transaction state; plus the CLI start contract."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+
+pytestmark = pytest.mark.devbroker_only
+def read_values(bootstrap: str, topic: str, isolation: str, expect: int, partitions: int = 1,
+                timeout: float = 10.0, idle: float = 1.0) -> list[bytes]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"r-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False, "isolation.level": isolation,
+                  "auto.offset.reset": "earliest"})
+    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    out: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    while time.monotonic() < deadline:
+        m = c.poll(0.1)
+        if m is None:
+            if len(out) >= expect and time.monotonic() - last > idle:
+                break
+            continue
+        if m.error():
+            continue
+        out.append(m.value())
+        last = time.monotonic()
+    c.close()
+    return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _committed(bootstrap, group, topic):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        return c.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_restart_preserves_records_offsets_and_open_transactions(fresh_broker, how):
+    b = fresh_broker
+    topic, group = "restart-topic", "restart-group"
+    p = Producer({"bootstrap.servers": b.bootstrap, "enable.idempotence": True, "linger.ms": 1})
+    for i in range(100):
+        p.produce(topic, b"r%d" % i)
+    assert p.flush(10) == 0
+    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group})
+    c.commit(offsets=[TopicPartition(topic, 0, 42)], asynchronous=False)
+    c.close()
+    tp = Producer({"bootstrap.servers": b.bootstrap, "transactional.id": f"tx-{how}", "linger.ms": 1})
+    tp.init_transactions(10)
+    tp.begin_transaction()
+    tp.produce(topic, b"pending")
+    tp.flush(10)
+
+    old = b.bootstrap
+    b.restart(kill=(how == "sigkill"))
+    assert b.bootstrap == old, "restart keeps the port so clients reconnect"
+
+    assert _committed(b.bootstrap, group, topic) == 42
+    assert len(read_values(b.bootstrap, topic, "read_committed", 100)) == 100
+    assert len(read_values(b.bootstrap, topic, "read_uncommitted", 101)) == 101
+    # the open transaction survived: the same producer commits it after reconnecting
+    tp.commit_transaction(20)
+    got = read_values(b.bootstrap, topic, "read_committed", 101)
+    assert len(got) == 101 and got[-1] == b"pending"
+    # the idempotent producer goes on without duplicates
+    p.produce(topic, b"after")
+    assert p.flush(10) == 0
+    assert len(read_values(b.bootstrap, topic, "read_uncommitted", 102)) == 102
+
+
+def test_new_producer_after_restart_fences_transaction_left_open(fresh_broker):
+    b = fresh_broker
+    topic = "fence-after-restart"
+    tp = Producer({"bootstrap.servers": b.bootstrap, "transactional.id": "tx-open", "linger.ms": 1})
+    tp.init_transactions(10)
+    tp.begin_transaction()
+    tp.produce(topic, b"left-open")
+    tp.flush(10)
+    b.restart(kill=True)
+    fresh = Producer({"bootstrap.servers": b.bootstrap, "transactional.id": "tx-open"})
+    fresh.init_transactions(15)
+    fresh.begin_transaction()
+    fresh.produce(topic, b"new")
+    fresh.commit_transaction(10)
+    assert read_values(b.bootstrap, topic, "read_committed", 1) == [b"new"]
+
+
+def test_torn_tail_after_sigkill_is_truncated(fresh_broker):
+    b = fresh_broker
+    topic = "torn"
+    p = Producer({"bootstrap.servers": b.bootstrap, "linger.ms": 1})
+    for i in range(10):
+        p.produce(topic, b"%d" % i)
+    p.flush(10)
+    b.kill()
+    path = os.path.join(b.data_dir, "logs", f"{topic}-0", "00000000000000000000.log")
+    with open(path, "ab") as f:
+        f.write(b"\x00" * 8 + b"\x00\x00\x01\x00" + b"partial")
+    b.start()
+    p2 = Producer({"bootstrap.servers": b.bootstrap, "linger.ms": 1})
+    p2.produce(topic, b"10")
+    p2.flush(10)
+    assert read_values(b.bootstrap, topic, "read_uncommitted", 11) == [b"%d" % i for i in range(11)]
+
+
+def _run_cli(*args, timeout=30):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "devbroker", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_cli_contract(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    help_text = subprocess.run([sys.executable, "-m", "devbroker", "--help"], capture_output=True,
+                               text=True, env=env, check=True).stdout
+    assert "not for production" in help_text.lower()
+    refused = subprocess.run([sys.executable, "-m", "devbroker", "--host", "0.0.0.0", "--port", "0",
+                              "--data-dir", str(tmp_path / "r")], capture_output=True, text=True, env=env,
+                             timeout=30)
+    assert refused.returncode != 0 and "allow-remote" in refused.stderr
+    proc = _run_cli("--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path / "d"),
+                    "--partitions", "3")
+    line = proc.stdout.readline().strip()
+    assert line.startswith("bootstrap.servers=127.0.0.1:")
+    bootstrap = line.split("=", 1)[1]
+    from confluent_kafka.admin import AdminClient
+
+    md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic=f"auto-{uuid.uuid4().hex[:6]}",
+                                                                   timeout=10)
+    assert [len(t.partitions) for t in md.topics.values()] == [3]  # auto-created with --partitions
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
