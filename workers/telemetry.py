@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import orjson
 
-Record = tuple["bytes | None", "bytes | None", "list[tuple[str, bytes]]"]
+Record = tuple[Optional[bytes], Optional[bytes], list[tuple[str, bytes]]]  # (key, value, headers)
 
 CHUNK = 4096
 DEFECT_HEADER = "sluice-synthetic-defect"
@@ -333,7 +333,6 @@ class FlowKind:
         tcp = proto == "tcp"
         p_out = np.ceil(b_out / ppo) + np.where(tcp, 2, 0)
         p_in = np.ceil(b_in / ppi) + np.where(tcp & (b_in > 0), 1, 0)
-        small = sub >= 9  # attacks: packet counts are tiny / exact
         scan = sub == 9
         p_out = np.where(scan, np.maximum(1, np.rint(b_out / 44)), p_out)
         p_in = np.where(scan, np.where(b_in > 0, 1, 0), p_in)
@@ -341,7 +340,6 @@ class FlowKind:
         p_out = np.where((sub == 2) | (sub == 7), 1, p_out)
         p_out = np.where(sub == 8, b_out // 84, p_out)
         p_in = np.where(sub == 8, b_in // 84, p_in)
-        del small
         dur = np.round(np.maximum(dur, 0.0), 3)
         cols = {
             "src_ip": src, "dst_ip": dst, "src_port": sport, "dst_port": dport, "protocol": proto,
@@ -533,7 +531,7 @@ def _chunks(kind: FlowKind, count: int | None, seed: int, bad_fraction: float, s
 
 def generate(kind: str = "flow", count: int | None = 1000, seed: int = 0, bad_fraction: float = 0.0,
              start_ts: float | None = None, rate: float | None = None, *, attack_fraction: float = 0.05,
-             drift: float = 0.0, with_labels: bool = False) -> Iterator[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+             drift: float = 0.0, with_labels: bool = False) -> Iterator[Record]:
     """Yield ``count`` Kafka records ``(key, value, headers)`` of synthetic telemetry.
 
     - ``count=None`` streams forever.

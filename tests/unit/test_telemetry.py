@@ -116,3 +116,20 @@ def test_generation_is_fast():
     rate = n / (time.perf_counter() - t0)
     # >= 100k/s on a dev machine; keep slack for a loaded 2-core CI box
     assert rate > 30_000, f"{rate:,.0f} events/s"
+
+
+def test_valid_events_conform_to_the_published_schema_and_defects_do_not():
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+    import pathlib
+
+    schema = json.loads((pathlib.Path(__file__).resolve().parents[2] / "schemas" / "events" / "flow.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    recs = list(generate("flow", 3000, seed=8, bad_fraction=0.2, with_labels=True))
+    for _, value, headers in recs:
+        reason = dict(headers).get(DEFECT_HEADER)
+        if reason is None:
+            v.validate(orjson.loads(value))
+        elif reason in (b"missing_field", b"wrong_type", b"out_of_range", b"not_object"):
+            assert not v.is_valid(json.loads(value)), value[:200]
