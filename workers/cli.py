@@ -23,6 +23,20 @@ log = logging.getLogger("sluice")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # Signals first: a SIGTERM while the model loads or transactions initialise must
+    # stop the worker cleanly, not kill it with the default action.
+    signals: list[int] = []
+    pipeline = None
+
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+        if pipeline is not None:
+            pipeline.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
     from workers.metrics import Metrics, MetricsServer
     from workers.pipeline import Pipeline
 
@@ -32,13 +46,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port).start()
     log.info("metrics server listening", extra={"host": settings.metrics.host, "port": server.port})
     pipeline = Pipeline(settings, metrics)
-
-    def on_signal(signum, _frame):
-        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+    for _ in signals:  # arrived before the pipeline existed
         pipeline.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         try:
             pipeline.start()

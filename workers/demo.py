@@ -82,6 +82,7 @@ def run_demo(duration: float = 30.0, rate: float = 5000.0, partitions: int = 4) 
         print(f"demo: devbroker at {broker.bootstrap} (development only), model {MODEL_PATH.name}")
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
         ensure_topics(admin, [INPUT_TOPIC], partitions)
+        del admin  # librdkafka clients must be gone before the broker stops
         settings = load_settings(
             None,
             environ={},

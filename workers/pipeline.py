@@ -141,7 +141,6 @@ class Pipeline:
         backend = create_backend(
             self.spec, backend=s.model.backend, device=s.model.device, threads=s.inference.intra_op_threads
         )
-        backend.load()
         sizes = sorted({1, s.batching.max_batch_size} | {2**i for i in range(1, 16) if 2**i < s.batching.max_batch_size})
         backend.warmup(sizes)
         self.backend = backend
@@ -540,6 +539,7 @@ class Pipeline:
         if self.pool is not None:
             self.pool.shutdown(wait=False)
         if self.consumer is not None:
+            self.metrics.consumer_lag.clear()
             try:
                 # Static members keep their partitions through close (no LeaveGroup), so a
                 # restart under the same replica id resumes without a rebalance.

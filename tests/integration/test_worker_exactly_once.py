@@ -57,6 +57,7 @@ def test_sigkill_at_random_moments_then_restart_gives_exactly_one_output(bootstr
     assert sum(ends.values()) == total
     wait_until(lambda: sum(committed_offsets(bootstrap, f"g-{topic}", topic, PARTITIONS).values()) == total,
                timeout=90, what="the worker to commit every input offset")
+    w.wait_started()
     assert w.terminate() == 0, w.log()[-3000:]
     out = outcome(bootstrap, topic, total)
     assert_exactly_once(out, topic, ends)
@@ -92,6 +93,7 @@ def test_replicas_joining_and_leaving_mid_stream_gives_exactly_one_output(bootst
     wait_until(lambda: sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) == total,
                timeout=120, what="the replicas to commit every input offset")
     for r in "ac":
+        ws[r].wait_started()
         assert ws[r].alive(), ws[r].log()[-3000:]
         assert ws[r].terminate() == 0, ws[r].log()[-3000:]
     assert_exactly_once(outcome(bootstrap, topic, total), topic, ends)
@@ -138,5 +140,6 @@ def test_restart_with_same_replica_id_fences_the_zombie(bootstrap, new_topic, tm
     ends = partition_ends(bootstrap, topic, 2)
     wait_until(lambda: sum(committed_offsets(bootstrap, f"g-{topic}", topic, 2).values()) == total,
                timeout=90, what="the successor to commit every input offset")
+    successor.wait_started()
     assert successor.terminate() == 0, successor.log()[-3000:]
     assert_exactly_once(outcome(bootstrap, topic, total), topic, ends)

@@ -58,6 +58,12 @@ class WorkerProc:
         )
         return self
 
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Wait until the latest incarnation has logged its start (signal handlers are set)."""
+        starts = len(self.exits) + 1
+        wait_until(lambda: self.log().count('"worker started"') >= starts or not self.alive(), timeout,
+                   what="the worker to start")
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.exits.append(self.proc.wait(30))

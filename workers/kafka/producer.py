@@ -141,5 +141,10 @@ class TransactionalProducer:
         return self._producer.flush(timeout)
 
     def close(self) -> None:
-        """Best-effort: an open transaction is left to the broker's timeout / the next init."""
-        self._producer.flush(0)
+        """Release the client. An open transaction is left to the broker's timeout / the next init."""
+        if self._producer is not None:
+            self._producer.flush(0)
+            # Dropping the last reference destroys the librdkafka handle and its threads now,
+            # not whenever the garbage collector runs (possibly after the broker is gone).
+            self._producer = None
+            self.produce_call = None
