@@ -41,14 +41,18 @@ class DevBroker:
         if self.proc is not None and self.proc.poll() is None:
             return self
         deadline = time.monotonic() + self.startup_timeout
+        keep_port_until = time.monotonic() + min(10.0, self.startup_timeout / 2)
         while True:
             try:
                 self._spawn(deadline)
                 return self
             except OSError:
-                # the old port may still be held briefly after a kill: retry until the deadline
+                # the old port may still be held briefly after a kill: retry it for a while,
+                # then take any free port (clients must then be given the new .bootstrap)
                 if time.monotonic() > deadline:
                     raise
+                if self.port and time.monotonic() > keep_port_until:
+                    self.port = 0
                 time.sleep(0.2)
 
     def _spawn(self, deadline: float) -> None:

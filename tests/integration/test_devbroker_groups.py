@@ -103,3 +103,20 @@ def test_static_member_rejoins_without_rebalance(bootstrap, new_topic):
     assert b2.assigned == b_parts
     a.close()
     b2.close()
+
+
+def test_three_members_started_together_cover_every_partition_once(bootstrap, new_topic):
+    t = new_topic(partitions=6)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    ms = [Member(bootstrap, group, t) for _ in range(3)]
+
+    def balanced():
+        parts = [m.assigned for m in ms]
+        return all(len(p) == 2 for p in parts) and set().union(*parts) == set(range(6))
+
+    assert wait_for(balanced)
+    ms[0].close()
+    assert wait_for(lambda: sorted(len(m.assigned) for m in ms[1:]) == [3, 3]
+                    and ms[1].assigned | ms[2].assigned == set(range(6)))
+    for m in ms[1:]:
+        m.close()

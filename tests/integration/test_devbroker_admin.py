@@ -1,0 +1,46 @@
+"""Admin operations through confluent_kafka.admin.AdminClient against the test broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+
+def test_create_describe_list_delete_topic(bootstrap):
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    name = f"admin-{uuid.uuid4().hex[:8]}"
+    admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])[name].result(10)
+    with pytest.raises(KafkaException) as e:
+        admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])[name].result(10)
+    assert e.value.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS
+    md = admin.list_topics(timeout=10)
+    assert len(md.topics[name].partitions) == 3
+    assert md.cluster_id and len(md.brokers) == 1
+    res = ConfigResource(ConfigResource.Type.TOPIC, name)
+    configs = admin.describe_configs([res])[res].result(10)
+    assert configs["cleanup.policy"].value == "delete"
+    admin.delete_topics([name], operation_timeout=10)[name].result(10)
+    deadline = time.monotonic() + 10
+    while name in admin.list_topics(timeout=10).topics and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert name not in admin.list_topics(timeout=10).topics
+
+
+def test_list_offsets_earliest_latest_and_by_timestamp(bootstrap, new_topic):
+    t = new_topic()
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+    base = int(time.time() * 1000) - 10_000
+    for i in range(10):
+        p.produce(t, b"%d" % i, timestamp=base + i * 1000)
+        p.flush(10)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "lo"})
+    assert c.get_watermark_offsets(TopicPartition(t, 0), 5, cached=False) == (0, 10)
+    found = c.offsets_for_times([TopicPartition(t, 0, base + 4500)], 10)
+    assert found[0].offset == 5
+    found = c.offsets_for_times([TopicPartition(t, 0, base + 60_000)], 10)
+    assert found[0].offset == -1
+    c.close()
