@@ -289,3 +289,63 @@ def test_session_timeout_evicts_a_silent_member(raw, bootstrap):
     assert h.error_code == ErrorCode.unknown_member_id
     d = raw.call("describe_groups", 5, groups=(group,), include_authorized_operations=False)
     assert d.groups[0].group_state == "Empty" and d.groups[0].members == ()
+
+
+def _join_static(raw, group, instance, member_id=""):
+    jm = raw.mod("join_group", 5, "request")
+    proto = (jm.JoinGroupRequestProtocol(name="range", metadata=b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"),)
+    return raw.call("join_group", 5, group_id=group, session_timeout=timedelta(seconds=10),
+                    rebalance_timeout=timedelta(seconds=10), member_id=member_id,
+                    group_instance_id=instance, protocol_type="consumer", protocols=proto)
+
+
+def test_static_member_replaced_fences_old_member_id(raw):
+    group = f"g-raw-static-{time.time_ns()}"
+    r1 = _join_static(raw, group, "inst-1")
+    assert r1.error_code == ErrorCode.none and r1.generation_id == 1
+    s = raw.call("sync_group", 3, group_id=group, generation_id=1, member_id=r1.member_id,
+                 group_instance_id="inst-1", assignments=((raw.mod("sync_group", 3, "request")
+                                                           .SyncGroupRequestAssignment(member_id=r1.member_id,
+                                                                                       assignment=b"A")),))
+    assert s.error_code == ErrorCode.none and s.assignment == b"A"
+    # the same instance restarts: new member id, same generation, no rebalance, old assignment
+    r2 = _join_static(raw, group, "inst-1")
+    assert r2.error_code == ErrorCode.none and r2.generation_id == 1 and r2.member_id != r1.member_id
+    s2 = raw.call("sync_group", 3, group_id=group, generation_id=1, member_id=r2.member_id,
+                  group_instance_id="inst-1", assignments=())
+    assert s2.error_code == ErrorCode.none and s2.assignment == b"A"
+    h = raw.call("heartbeat", 3, group_id=group, generation_id=1, member_id=r1.member_id,
+                 group_instance_id="inst-1")
+    assert h.error_code == ErrorCode.fenced_instance_id
+
+
+def test_txn_offset_commit_checks_group_generation_and_member(raw, new_topic):
+    t = new_topic()
+    group = f"g-raw-447-{time.time_ns()}"
+    r = _join_static(raw, group, None)
+    assert r.error_code == ErrorCode.member_id_required
+    r = _join_static(raw, group, None, r.member_id)
+    assert r.error_code == ErrorCode.none
+    raw.call("sync_group", 3, group_id=group, generation_id=r.generation_id, member_id=r.member_id,
+             group_instance_id=None, assignments=())
+    tid = f"raw-447-{time.time_ns()}"
+    pid, epoch = raw.init_pid(tid)
+    raw.call("add_offsets_to_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch,
+             group_id=group)
+    m = raw.mod("txn_offset_commit", 3, "request")
+
+    def commit(gen, member):
+        resp = raw.call("txn_offset_commit", 3, transactional_id=tid, group_id=group, producer_id=pid,
+                        producer_epoch=epoch, generation_id=gen, member_id=member, group_instance_id=None,
+                        topics=(m.TxnOffsetCommitRequestTopic(name=t, partitions=(
+                            m.TxnOffsetCommitRequestPartition(partition_index=0, committed_offset=1,
+                                                              committed_leader_epoch=-1,
+                                                              committed_metadata=""),)),))
+        return resp.topics[0].partitions[0].error_code
+
+    assert commit(r.generation_id + 5, r.member_id) == ErrorCode.illegal_generation
+    assert commit(r.generation_id, "nobody") == ErrorCode.unknown_member_id
+    assert commit(r.generation_id, r.member_id) == ErrorCode.none
+    # a stale epoch after a re-init is fenced
+    raw.init_pid(tid)
+    assert commit(r.generation_id, r.member_id) == ErrorCode.producer_fenced
