@@ -138,6 +138,10 @@ class ModelSpec:
     schema_path: pathlib.Path | None = None
     description: str = ""
     manifest_path: pathlib.Path | None = None
+    # [artifacts] torch_module / torch_weights: the torch definition (model.py, shared by
+    # train.py and the torch backend) and its trained state_dict; None when not shipped
+    torch_module_path: pathlib.Path | None = None
+    torch_weights_path: pathlib.Path | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -195,6 +199,13 @@ class ModelSpec:
             raise err("output.threshold", f"must be within [0, 1], got {threshold}")
         onnx_path = folder / req(arts, "model", str, "artifacts.")
         baseline_path = folder / req(arts, "baseline", str, "artifacts.")
+        torch_module_path = folder / req(arts, "torch_module", str, "artifacts.") if "torch_module" in arts else None
+        torch_weights_path = folder / req(arts, "torch_weights", str, "artifacts.") if "torch_weights" in arts else None
+        if (torch_module_path is None) != (torch_weights_path is None):
+            raise err("artifacts.torch_weights", "torch_module and torch_weights go together (model.py + its state_dict)")
+        unknown_arts = set(arts) - {"model", "baseline", "torch_module", "torch_weights"}
+        if unknown_arts:
+            raise err(f"artifacts.{sorted(unknown_arts)[0]}", "unknown key (known: model, baseline, torch_module, torch_weights)")
 
         schema_path = None
         if "event_schema" in doc:
@@ -265,6 +276,7 @@ class ModelSpec:
             score_name=score_name, threshold=threshold, onnx_path=onnx_path, baseline_path=baseline_path,
             input_name=input_name, output_name=output_name, max_event_bytes=max_event_bytes,
             schema_path=schema_path, description=str(doc.get("description", "")), manifest_path=mf,
+            torch_module_path=torch_module_path, torch_weights_path=torch_weights_path,
         )
 
 

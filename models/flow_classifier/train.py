@@ -3,6 +3,9 @@
 
     python models/flow_classifier/train.py [--seed 0] [--out DIR]
 
+The module is defined in ``model.py`` (shared with the torch backend); this
+script writes model.onnx, model.pt (its state_dict) and baseline.json.
+
 Features come from ``workers.features.Featurizer`` over ``manifest.toml``: the
 exact code the worker serves with. Training is deterministic for a given seed
 (numpy + torch seeds, ``torch.use_deterministic_algorithms``, one thread), so
@@ -56,7 +59,6 @@ N_VALID = 40_000
 N_BASELINE = 100_000
 EPOCHS = 6
 BATCH = 512
-HIDDEN = (64, 32)
 LR = 3e-3
 SCORE_BINS = 10
 FEATURE_BINS = 10
@@ -173,13 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: train {X.shape} ({y.mean():.1%} attacks), valid {Xv.shape}, baseline {fb_bl.matrix.shape} "
           f"in {time.perf_counter() - t0:.1f}s")
 
-    layers: list = []
-    width = spec.n_columns
-    for h in HIDDEN:
-        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
-        width = h
-    layers += [torch.nn.Linear(width, 1)]
-    net = torch.nn.Sequential(*layers)
+    # the module is defined once, in model.py, for training and the torch backend
+    from workers.models import load_definition
+
+    scorer = load_definition(spec).build(spec.n_columns)
+    net = scorer.body
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     Xt = torch.from_numpy(X)
@@ -203,16 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             sv = torch.sigmoid(net(torch.from_numpy(Xv)).squeeze(-1)).numpy()
         print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(X):.4f}  valid auc {auc(va.label, sv):.4f}")
 
-    class Scorer(torch.nn.Module):
-        def __init__(self, body):
-            super().__init__()
-            self.body = body
-
-        def forward(self, x):
-            return torch.sigmoid(self.body(x)).squeeze(-1)
-
-    scorer = Scorer(net).eval()
+    scorer.eval()
     args.out.mkdir(parents=True, exist_ok=True)
+    # the trained weights for the torch backend (plain state_dict; torch.load(weights_only=True))
+    torch.save(scorer.state_dict(), str(args.out / spec.torch_weights_path.name))
     onnx_path = args.out / spec.onnx_path.name
     example = torch.zeros(2, spec.n_columns)
     torch.onnx.export(
@@ -254,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "score": {"name": spec.score_name, **score_baseline(bl_scores)},
         "reference": {"events": N_BASELINE, "seed": s + 3, "attack_fraction": 0.05, "drift": 0.0},
         "training": {
-            "seed": args.seed, "train_events": int(len(X)), "epochs": args.epochs, "hidden": list(HIDDEN),
+            "seed": args.seed, "train_events": int(len(X)), "epochs": args.epochs, "hidden": list(load_definition(spec).HIDDEN),
             "torch": torch.__version__.split("+")[0],
             "test_metrics": metrics(te.label, te_scores, spec.threshold),
             "test_flagged_share_by_subtype": per_attack,
