@@ -8,7 +8,9 @@ stamped with the wall clock at generation time).
 
 Kinds plug in through ``KINDS``: a kind is a class with ``chunk(rng, n, ...)``
 returning column arrays + attack labels, and ``events(cols)`` turning them into
-dicts. Only ``flow`` exists today; ``auth`` and ``process`` come later.
+dicts. ``flow`` (network flows) and ``auth`` (sign-ins, see :class:`AuthKind`) exist;
+``process`` comes later. Each kind has a fixed ``kind_no`` that seeds its stream,
+so adding a kind never changes the data another kind generates.
 
 Flow events look like network flow telemetry (NetFlow/Zeek conn.log-ish):
 
@@ -53,8 +55,8 @@ DEFECTS: dict[str, str] = {
     "huge_int": "out_of_range",      # 10**30 bytes
     "too_deep": "too_deep",
     "tombstone": "tombstone",
-    "negative_bytes": "out_of_range",
-    "bad_port": "out_of_range",
+    "negative_bytes": "out_of_range",  # a count below the schema minimum (flow: bytes; auth: failures)
+    "bad_port": "out_of_range",        # a value above the schema maximum (flow: port; auth: hour)
     "too_large": "too_large",
 }
 _DEFECT_NAMES = list(DEFECTS)
@@ -362,9 +364,17 @@ class FlowKind:
         return out
 
     key_field = "src_ip"
+    kind_no = 0
     required = ("event_id", "src_ip", "dst_ip", "dst_port", "protocol", "bytes_in", "bytes_out",
                 "packets_in", "packets_out", "duration_ms")
     numeric = ("src_port", "dst_port", "bytes_in", "bytes_out", "packets_in", "packets_out", "duration_ms")
+    # fields the value defects aim at (see _defect)
+    nan_fields = ("bytes_in", "duration_ms", "ts")
+    huge_float_field = "duration_ms"
+    huge_int_field = "bytes_out"
+    negative_fields = ("bytes_in", "bytes_out", "packets_out")
+    above_max_fields = ("dst_port", "src_port")
+    above_max_range = (65536, 100000)
 
 
 _C2: np.ndarray | None = None
@@ -377,10 +387,362 @@ def _c2_hosts() -> np.ndarray:
     return _C2
 
 
-KINDS: dict[str, FlowKind] = {"flow": FlowKind()}
+# ----------------------------------------------------------------------------- auth
+
+AUTH_SUBTYPES = (
+    # benign
+    "office_login", "remote_login", "typo_failure", "travel", "admin_work", "oncall_admin", "service_account",
+    # attacks
+    "password_spray", "impossible_travel", "offhours_admin",
+)
+AUTH_ATTACKS = ("password_spray", "impossible_travel", "offhours_admin")
+_AUTH_BENIGN_P = np.array([0.45, 0.22, 0.05, 0.03, 0.08, 0.01, 0.16])
+_AUTH_BENIGN_P = _AUTH_BENIGN_P / _AUTH_BENIGN_P.sum()
+_AUTH_ATTACK_P = np.array([0.5, 0.3, 0.2])
+
+AUTH_APPS = ("sso", "vpn", "mail", "ssh", "rdp", "admin_console")
+AUTH_NETWORKS = ("corporate", "residential", "mobile", "hosting", "tor")
+AUTH_MFA = ("none", "push", "totp", "sms", "webauthn")
+_HOME_COUNTRIES = np.array(["US", "GB", "DE", "IN", "CA", "FR"], dtype=object)
+_HOME_P = np.array([0.55, 0.15, 0.12, 0.10, 0.04, 0.04])
+_TRAVEL_COUNTRIES = np.array(["US", "GB", "DE", "FR", "NL", "JP", "SG", "BR", "MX", "AE", "ES", "IT"], dtype=object)
+_ATTACK_COUNTRIES = np.array(["RU", "CN", "VN", "NG", "IR", "UA", "BR", "US", "NL", "RO"], dtype=object)
+_ATTACK_COUNTRY_P = np.array([0.18, 0.16, 0.1, 0.1, 0.06, 0.06, 0.08, 0.14, 0.08, 0.04])
+_N_EMPLOYEES = 6000
+_N_ADMINS = 48
+_N_SERVICES = 160
 
 
-def _kind(kind: str) -> FlowKind:
+class _Directory:
+    """Users (employees, admins, service accounts) with a home country, and the org's egress IPs."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(_NET_SEED + 7)
+        self.employees = np.array([f"e{i:05d}" for i in range(_N_EMPLOYEES)], dtype=object)
+        self.employee_home = rng.choice(_HOME_COUNTRIES, _N_EMPLOYEES, p=_HOME_P)
+        self.admins = np.array([f"adm-{i:03d}" for i in range(_N_ADMINS)], dtype=object)
+        self.admin_home = rng.choice(_HOME_COUNTRIES[:4], _N_ADMINS, p=[0.6, 0.2, 0.1, 0.1])
+        self.services = np.array([f"svc-{n}-{i:02d}" for i, n in enumerate(
+            rng.choice(["backup", "ci", "etl", "monitor", "deploy", "ldap-sync", "report"], _N_SERVICES))], dtype=object)
+        self.egress = np.array(_ip_strings(*_public_octets(rng, 12)), dtype=object)   # corporate NAT / proxies
+        self.datacenter = np.array([f"10.0.9.{i}" for i in range(10, 60)], dtype=object)
+        self.tor = np.array(_ip_strings(*_public_octets(rng, 300)), dtype=object)
+        self.hosting = np.array(_ip_strings(np.full(2000, 45), rng.integers(0, 256, 2000), rng.integers(0, 256, 2000),
+                                            rng.integers(1, 255, 2000)), dtype=object)
+        self.servers = np.array([f"srv-{i:04d}" for i in range(400)], dtype=object)
+
+
+_DIR: _Directory | None = None
+
+
+def _directory() -> _Directory:
+    global _DIR
+    if _DIR is None:
+        _DIR = _Directory()
+    return _DIR
+
+
+def _public_ips(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.array(_ip_strings(*_public_octets(rng, n)), dtype=object)
+
+
+class AuthKind:
+    """Authentication events (IdP / VPN / SSH / RDP sign-ins, as a SIEM sees them after enrichment).
+
+    Each event is one sign-in attempt, keyed by ``user``. Besides the raw attempt
+    (user, source address, application, method, result, MFA) it carries the
+    context an IdP or SIEM enrichment adds (Okta/Entra-style sign-in risk
+    context): geolocation of the source (``src_country``, ``src_network``),
+    distance and implied travel speed from the user's previous sign-in, local
+    hour and weekday for the user, recent failures from the source and for the
+    user, distinct users tried from the source in the last hour, and whether the
+    device is new for the user. The detector scores each event on its own, so
+    the context must be in the event.
+
+    Benign: office and remote sign-ins in business/evening hours, typos, business
+    travel (far, but at plane speed), admins at work and on call, service
+    accounts around the clock. Attacks: password spraying (one source, many
+    users, few failures each, before MFA), impossible travel (a success from far
+    away faster than a plane), off-hours admin sign-ins (night/weekend, new
+    device, weak or no MFA).
+    """
+
+    name = "auth"
+    kind_no = 1
+    subtypes = AUTH_SUBTYPES
+    attacks = AUTH_ATTACKS
+    key_field = "user"
+    required = ("event_id", "user", "user_type", "src_ip", "app", "auth_method", "result", "mfa", "src_network",
+                "src_country", "hour_local", "weekday", "src_failures_1h", "src_users_1h", "user_failures_1h")
+    numeric = ("hour_local", "weekday", "geo_distance_km", "geo_speed_kmh", "src_failures_1h", "src_users_1h",
+               "user_failures_1h")
+    nan_fields = ("geo_distance_km", "geo_speed_kmh", "ts")
+    huge_float_field = "geo_speed_kmh"
+    huge_int_field = "src_failures_1h"
+    negative_fields = ("src_failures_1h", "src_users_1h", "user_failures_1h")
+    above_max_fields = ("hour_local", "weekday")
+    above_max_range = (24, 1000)
+
+    def chunk(self, rng: np.random.Generator, n: int, attack_fraction: float, drift: float):
+        d = _directory()
+        is_attack = rng.random(n) < attack_fraction
+        bp = _AUTH_BENIGN_P.copy()
+        if drift:
+            # drift: the workforce goes remote and travels more (more remote/mobile/travel, fewer office sign-ins)
+            bp = bp * np.exp(drift * np.array([-0.5, 0.5, 0.1, 0.5, 0.0, 0.2, 0.0]))
+            bp /= bp.sum()
+        sub = np.where(is_attack, 7 + rng.choice(3, n, p=_AUTH_ATTACK_P), rng.choice(7, n, p=bp)).astype(np.int8)
+
+        user = np.empty(n, dtype=object)
+        utype = np.full(n, "employee", dtype=object)
+        src = np.empty(n, dtype=object)
+        host = np.full(n, "sso.corp.example", dtype=object)
+        app = np.full(n, "sso", dtype=object)
+        method = np.full(n, "password", dtype=object)
+        result = np.full(n, "success", dtype=object)
+        reason = np.full(n, None, dtype=object)
+        mfa = np.full(n, "push", dtype=object)
+        network = np.full(n, "corporate", dtype=object)
+        country = np.full(n, "US", dtype=object)
+        hour = np.zeros(n, dtype=np.int64)
+        weekday = np.zeros(n, dtype=np.int64)
+        dist = np.zeros(n)
+        hours_since = rng.lognormal(np.log(16.0), 1.0, n) + 0.25  # since the user's previous sign-in
+        src_fail = np.zeros(n, dtype=np.int64)
+        src_users = np.ones(n, dtype=np.int64)
+        user_fail = np.zeros(n, dtype=np.int64)
+        new_device = rng.random(n) < 0.02
+
+        def pick(code):
+            return np.nonzero(sub == code)[0]
+
+        def employees(k):
+            j = rng.integers(0, _N_EMPLOYEES, k)
+            return d.employees[j], d.employee_home[j]
+
+        def admins(k):
+            j = rng.integers(0, _N_ADMINS, k)
+            return d.admins[j], d.admin_home[j]
+
+        def business_hours(k, mu=11.5, sd=2.6, lo=7, hi=19):
+            return np.clip(np.rint(rng.normal(mu, sd, k)), lo, hi).astype(np.int64)
+
+        def weekdays(k, weekend=0.03):
+            return np.where(rng.random(k) < weekend, rng.integers(5, 7, k), rng.integers(0, 5, k))
+
+        def app_hosts(a):
+            k = len(a)
+            srv = rng.choice(d.servers, k)
+            return np.select([a == "vpn", a == "mail", a == "ssh", a == "rdp", a == "admin_console"],
+                             ["vpn-gw.corp.example", "mail.corp.example", srv, srv, "admin.corp.example"],
+                             "sso.corp.example").astype(object)
+
+        # --- office sign-ins: corporate egress (NAT: many users per address), business hours
+        i = pick(0)
+        k = len(i)
+        user[i], country[i] = employees(k)
+        src[i] = rng.choice(d.egress, k)
+        app[i] = rng.choice(np.array(["sso", "mail", "vpn", "rdp"], dtype=object), k, p=[0.55, 0.33, 0.04, 0.08])
+        kerb = rng.random(k) < 0.45
+        method[i] = np.where(kerb, "kerberos", "password")
+        mfa[i] = np.where(kerb, "none", rng.choice(np.array(["push", "webauthn", "totp"], dtype=object), k, p=[0.6, 0.3, 0.1]))
+        hour[i] = business_hours(k)
+        weekday[i] = weekdays(k)
+        dist[i] = rng.exponential(8.0, k)
+        src_users[i] = rng.integers(5, 250, k)
+        src_fail[i] = rng.poisson(1.5, k)
+        # --- remote sign-ins: home broadband / mobile, longer day, some weekends
+        i = pick(1)
+        k = len(i)
+        user[i], country[i] = employees(k)
+        mob = rng.random(k) < 0.3
+        network[i] = np.where(mob, "mobile", "residential")
+        src[i] = _public_ips(rng, k)
+        app[i] = rng.choice(np.array(["vpn", "sso", "mail"], dtype=object), k, p=[0.5, 0.3, 0.2])
+        mfa[i] = rng.choice(np.array(["push", "totp", "webauthn", "sms"], dtype=object), k, p=[0.55, 0.2, 0.2, 0.05])
+        hour[i] = business_hours(k, 14.0, 3.8, 6, 23)
+        weekday[i] = weekdays(k, 0.12)
+        dist[i] = rng.exponential(25.0, k)
+        src_users[i] = rng.integers(1, 3, k)
+        src_fail[i] = rng.poisson(0.1, k)
+        new_device[i] = rng.random(k) < 0.05
+        # --- typos: a failed password, a few for that user and source
+        i = pick(2)
+        k = len(i)
+        user[i], country[i] = employees(k)
+        office = rng.random(k) < 0.5
+        network[i] = np.where(office, "corporate", "residential")
+        src[i] = np.where(office, rng.choice(d.egress, k), _public_ips(rng, k))
+        app[i] = rng.choice(np.array(["sso", "vpn", "mail"], dtype=object), k, p=[0.5, 0.3, 0.2])
+        result[i] = "failure"
+        reason[i] = rng.choice(np.array(["bad_password", "locked", "mfa_denied"], dtype=object), k, p=[0.88, 0.04, 0.08])
+        mfa[i] = np.where(reason[i] == "mfa_denied", "push", "none")
+        hour[i] = business_hours(k, 12.5, 3.5, 6, 23)
+        weekday[i] = weekdays(k, 0.08)
+        dist[i] = rng.exponential(10.0, k)
+        user_fail[i] = rng.integers(1, 4, k)
+        src_fail[i] = np.where(office, rng.poisson(2.0, k) + 1, user_fail[i])
+        src_users[i] = np.where(office, rng.integers(5, 250, k), 1)
+        # --- business travel: far away, but at plane speed
+        i = pick(3)
+        k = len(i)
+        user[i], home = employees(k)
+        country[i] = rng.choice(_TRAVEL_COUNTRIES, k)
+        network[i] = rng.choice(np.array(["mobile", "residential", "hosting"], dtype=object), k, p=[0.5, 0.35, 0.15])
+        src[i] = _public_ips(rng, k)
+        app[i] = rng.choice(np.array(["sso", "mail", "vpn"], dtype=object), k, p=[0.4, 0.35, 0.25])
+        mfa[i] = rng.choice(np.array(["push", "totp", "webauthn"], dtype=object), k, p=[0.6, 0.2, 0.2])
+        hour[i] = business_hours(k, 13.0, 4.5, 5, 23)
+        weekday[i] = weekdays(k, 0.25)
+        dist[i] = rng.uniform(400, 11000, k)
+        hours_since[i] = dist[i] / rng.uniform(150, 750, k) + rng.uniform(1, 10, k)  # flight + transfers
+        new_device[i] = rng.random(k) < 0.08
+        # --- admins at work: ssh/rdp/admin console from the office, strong MFA
+        i = pick(4)
+        k = len(i)
+        user[i], country[i] = admins(k)
+        utype[i] = "admin"
+        office = rng.random(k) < 0.8
+        network[i] = np.where(office, "corporate", "residential")
+        src[i] = np.where(office, rng.choice(d.egress, k), _public_ips(rng, k))
+        app[i] = rng.choice(np.array(["ssh", "rdp", "admin_console", "sso"], dtype=object), k, p=[0.35, 0.2, 0.35, 0.1])
+        method[i] = rng.choice(np.array(["password", "certificate"], dtype=object), k, p=[0.4, 0.6])
+        mfa[i] = rng.choice(np.array(["webauthn", "totp"], dtype=object), k, p=[0.7, 0.3])
+        hour[i] = business_hours(k, 12.0, 2.8, 7, 20)
+        weekday[i] = weekdays(k, 0.04)
+        dist[i] = rng.exponential(10.0, k)
+        src_users[i] = np.where(office, rng.integers(5, 250, k), 1)
+        src_fail[i] = np.where(office, rng.poisson(1.5, k), 0)
+        new_device[i] = rng.random(k) < 0.01
+        # --- on-call admins: nights and weekends, but from home, known device, strong MFA
+        i = pick(5)
+        k = len(i)
+        user[i], country[i] = admins(k)
+        utype[i] = "admin"
+        network[i] = "residential"
+        src[i] = _public_ips(rng, k)
+        app[i] = rng.choice(np.array(["vpn", "ssh", "admin_console"], dtype=object), k, p=[0.4, 0.35, 0.25])
+        method[i] = rng.choice(np.array(["password", "certificate"], dtype=object), k, p=[0.4, 0.6])
+        mfa[i] = "webauthn"
+        hour[i] = rng.integers(0, 24, k)
+        weekday[i] = rng.integers(0, 7, k)
+        dist[i] = rng.exponential(15.0, k)
+        new_device[i] = rng.random(k) < 0.02
+        # --- service accounts: any hour, certificates/kerberos from the data centre, no MFA
+        i = pick(6)
+        k = len(i)
+        user[i] = rng.choice(d.services, k)
+        utype[i] = "service"
+        country[i] = "US"
+        network[i] = "corporate"
+        src[i] = rng.choice(d.datacenter, k)
+        app[i] = rng.choice(np.array(["ssh", "sso", "admin_console"], dtype=object), k, p=[0.6, 0.3, 0.1])
+        method[i] = rng.choice(np.array(["certificate", "kerberos", "token"], dtype=object), k, p=[0.5, 0.3, 0.2])
+        mfa[i] = "none"
+        hour[i] = rng.integers(0, 24, k)
+        weekday[i] = rng.integers(0, 7, k)
+        dist[i] = 0.0
+        hours_since[i] = rng.uniform(0.05, 2.0, k)
+        src_users[i] = rng.integers(1, 4, k)
+        fail = rng.random(k) < 0.005
+        result[i] = np.where(fail, "failure", "success")
+        reason[i] = np.where(fail, "bad_password", None)
+        user_fail[i] = fail.astype(np.int64)
+        src_fail[i] = fail.astype(np.int64)
+        new_device[i] = False
+
+        # --- attacks ---------------------------------------------------------------------
+        # password spraying: one source tries a common password on many accounts, before MFA
+        i = pick(7)
+        k = len(i)
+        user[i], _home = employees(k)
+        unknown = rng.random(k) < 0.15
+        user[i] = np.where(unknown, np.array([f"e{x:05d}" for x in rng.integers(_N_EMPLOYEES, 99999, k)], dtype=object), user[i])
+        network[i] = rng.choice(np.array(["hosting", "tor", "residential"], dtype=object), k, p=[0.6, 0.2, 0.2])
+        src[i] = np.select([network[i] == "hosting", network[i] == "tor"],
+                           [rng.choice(d.hosting, k), rng.choice(d.tor, k)], _public_ips(rng, k)).astype(object)
+        country[i] = rng.choice(_ATTACK_COUNTRIES, k, p=_ATTACK_COUNTRY_P)
+        app[i] = rng.choice(np.array(["sso", "mail", "vpn"], dtype=object), k, p=[0.5, 0.4, 0.1])
+        result[i] = "failure"
+        reason[i] = np.where(unknown, "unknown_user", "bad_password")
+        mfa[i] = "none"
+        hour[i] = rng.integers(0, 24, k)
+        weekday[i] = rng.integers(0, 7, k)
+        dist[i] = rng.uniform(800, 15000, k)
+        src_fail[i] = np.rint(np.exp(rng.uniform(np.log(25), np.log(3000), k))).astype(np.int64)
+        src_users[i] = np.maximum(1, np.rint(src_fail[i] * rng.uniform(0.7, 1.0, k))).astype(np.int64)
+        user_fail[i] = rng.integers(1, 3, k)
+        new_device[i] = rng.random(k) < 0.9
+        # impossible travel: a success from far away, faster than any plane
+        i = pick(8)
+        k = len(i)
+        user[i], _home = employees(k)
+        country[i] = rng.choice(_ATTACK_COUNTRIES, k, p=_ATTACK_COUNTRY_P)
+        network[i] = rng.choice(np.array(["hosting", "residential", "mobile"], dtype=object), k, p=[0.45, 0.4, 0.15])
+        src[i] = np.where(network[i] == "hosting", rng.choice(d.hosting, k), _public_ips(rng, k))
+        app[i] = rng.choice(np.array(["mail", "sso", "vpn"], dtype=object), k, p=[0.5, 0.4, 0.1])
+        legacy = rng.random(k) < 0.4   # legacy mail protocols bypass MFA; else push fatigue approved
+        mfa[i] = np.where(legacy, "none", "push")
+        hour[i] = rng.integers(0, 24, k)
+        weekday[i] = rng.integers(0, 7, k)
+        dist[i] = rng.uniform(2500, 16000, k)
+        hours_since[i] = rng.uniform(0.1, 2.5, k)
+        user_fail[i] = rng.integers(0, 4, k)
+        src_fail[i] = user_fail[i]
+        new_device[i] = rng.random(k) < 0.8
+        # off-hours admin sign-in: night or weekend, new device, weak or no MFA
+        i = pick(9)
+        k = len(i)
+        user[i], country[i] = admins(k)
+        utype[i] = "admin"
+        abroad = rng.random(k) < 0.4
+        country[i] = np.where(abroad, rng.choice(_ATTACK_COUNTRIES, k, p=_ATTACK_COUNTRY_P), country[i])
+        network[i] = rng.choice(np.array(["residential", "hosting"], dtype=object), k)
+        src[i] = np.where(network[i] == "hosting", rng.choice(d.hosting, k), _public_ips(rng, k))
+        app[i] = rng.choice(np.array(["admin_console", "ssh", "rdp"], dtype=object), k, p=[0.5, 0.3, 0.2])
+        method[i] = "password"
+        mfa[i] = rng.choice(np.array(["none", "sms"], dtype=object), k)
+        hour[i] = rng.choice(np.array([22, 23, 0, 1, 2, 3, 4, 5]), k)
+        weekday[i] = np.where(rng.random(k) < 0.4, rng.integers(5, 7, k), rng.integers(0, 5, k))
+        dist[i] = np.where(abroad, rng.uniform(1500, 12000, k), rng.exponential(60.0, k))
+        user_fail[i] = rng.integers(0, 5, k)
+        src_fail[i] = user_fail[i]
+        new_device[i] = rng.random(k) < 0.85
+
+        host[:] = app_hosts(app)
+        dist = np.round(np.minimum(dist, 20037.0), 1)
+        speed = np.round(np.minimum(dist / hours_since, 1e5), 1)
+        cols = {
+            "user": user, "user_type": utype, "src_ip": src, "src_country": country, "src_network": network,
+            "host": host, "app": app, "auth_method": method, "result": result, "failure_reason": reason, "mfa": mfa,
+            "hour_local": hour, "weekday": weekday, "geo_distance_km": dist, "geo_speed_kmh": speed,
+            "src_failures_1h": src_fail.astype(np.int64), "src_users_1h": src_users.astype(np.int64),
+            "user_failures_1h": user_fail.astype(np.int64), "new_device": new_device,
+        }
+        return cols, sub
+
+    _keys = ("user", "user_type", "src_ip", "src_country", "src_network", "host", "app", "auth_method", "result",
+             "failure_reason", "mfa", "hour_local", "weekday", "geo_distance_km", "geo_speed_kmh", "src_failures_1h",
+             "src_users_1h", "user_failures_1h", "new_device")
+
+    def events(self, ids: list[str], ts: list[float], cols: dict) -> list[dict]:
+        keys = self._keys
+        lists = [cols[k].tolist() for k in keys]
+        out = []
+        append = out.append
+        for eid, t, *vals in zip(ids, ts, *lists):
+            ev = {"event_id": eid, "ts": t}
+            ev.update(zip(keys, vals))
+            if ev["failure_reason"] is None:
+                del ev["failure_reason"]  # only failures carry a reason
+            append(ev)
+        return out
+
+
+KINDS: dict[str, "FlowKind | AuthKind"] = {"flow": FlowKind(), "auth": AuthKind()}
+
+
+def _kind(kind: str) -> "FlowKind | AuthKind":
     try:
         return KINDS[kind]
     except KeyError:
@@ -430,18 +792,18 @@ def _defect(rng: np.random.Generator, name: str, ev: dict, kind: FlowKind) -> by
         ev[f] = [str(ev[f]), True, [ev[f]], {"v": ev[f]}][int(rng.integers(0, 4))]
         return orjson.dumps(ev)
     if name == "nan_literal":
-        f = ["bytes_in", "duration_ms", "ts"][int(rng.integers(0, 3))]
+        f = kind.nan_fields[int(rng.integers(0, len(kind.nan_fields)))]
         lit = [b"NaN", b"Infinity", b"-Infinity"][int(rng.integers(0, 3))]
         ev = dict(ev)
         ev[f] = "__X__"
         return orjson.dumps(ev).replace(b'"__X__"', lit)
     if name == "huge_float":
         ev = dict(ev)
-        ev["duration_ms"] = "__X__"
+        ev[kind.huge_float_field] = "__X__"
         return orjson.dumps(ev).replace(b'"__X__"', b"1e400")
     if name == "huge_int":
         ev = dict(ev)
-        ev["bytes_out"] = "__X__"
+        ev[kind.huge_int_field] = "__X__"
         return orjson.dumps(ev).replace(b'"__X__"', str(10**30).encode())
     if name == "too_deep":
         ev = dict(ev)
@@ -450,11 +812,11 @@ def _defect(rng: np.random.Generator, name: str, ev: dict, kind: FlowKind) -> by
         return orjson.dumps(ev).replace(b'"__X__"', b"[" * depth + b"]" * depth)
     if name == "negative_bytes":
         ev = dict(ev)
-        ev[["bytes_in", "bytes_out", "packets_out"][int(rng.integers(0, 3))]] = -int(rng.integers(1, 5000))
+        ev[kind.negative_fields[int(rng.integers(0, len(kind.negative_fields)))]] = -int(rng.integers(1, 5000))
         return orjson.dumps(ev)
     if name == "bad_port":
         ev = dict(ev)
-        ev[["dst_port", "src_port"][int(rng.integers(0, 2))]] = int(rng.integers(65536, 100000))
+        ev[kind.above_max_fields[int(rng.integers(0, len(kind.above_max_fields)))]] = int(rng.integers(*kind.above_max_range))
         return orjson.dumps(ev)
     if name == "too_large":
         ev = dict(ev)
@@ -500,7 +862,7 @@ def _chunks(kind: FlowKind, count: int | None, seed: int, bad_fraction: float, s
         raise ValueError("attack_fraction must be within [0, 1]")
     if rate is not None and rate <= 0:
         raise ValueError("rate must be > 0 events/s")
-    kind_no = sorted(KINDS).index(kind.name)
+    kind_no = kind.kind_no  # fixed per kind: adding a kind never changes another kind's stream
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, kind_no, 0x51C3])
     rng_val, rng_id, rng_bad = (np.random.default_rng(s) for s in ss.spawn(3))
     if rate is not None and start_ts is None:

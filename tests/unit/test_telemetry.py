@@ -50,8 +50,8 @@ def test_rate_spaces_timestamps():
 
 
 def test_unknown_kind_names_supported_kinds():
-    with pytest.raises(ValueError, match="flow"):
-        next(iter(generate("auth", 10)))
+    with pytest.raises(ValueError, match="auth, flow"):
+        next(iter(generate("process", 10)))
 
 
 def test_bad_fraction_yields_every_defect_kind_with_expected_reason_header():
