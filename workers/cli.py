@@ -115,6 +115,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_drift_aggregator(args: argparse.Namespace) -> int:
+    from workers.drift_aggregator import main as drift_aggregator_main
+
+    return drift_aggregator_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Exactly-once streaming inference from Kafka to Kafka.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -154,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--json", type=Path, default=None, help="also write the results here")
     b.set_defaults(func=_cmd_bench)
+
+    da = sub.add_parser("drift-aggregator", help="merge drift deltas of all replicas into windowed PSI reports (faust)")
+    da.add_argument("--config", type=Path, help="TOML config file with [drift] (SLUICE_<SECTION>__<KEY> overrides)")
+    da.set_defaults(func=_cmd_drift_aggregator)
     return p
 
 
