@@ -60,9 +60,10 @@ def _lazy(module: str, cls: str) -> Callable[..., Backend]:
 # To add a backend: write workers/inference/<name>_backend.py with a class that
 # satisfies `Backend`, and add it here (or call register_backend at import).
 BACKENDS: dict[str, Callable[..., Backend]] = {
-    "onnxruntime": _lazy("workers.inference.onnxruntime_backend", "OnnxRuntimeBackend"),
-    # "tensorrt": _lazy("workers.inference.tensorrt_backend", "TensorRTBackend"),
-    # "torch": _lazy("workers.inference.torch_backend", "TorchBackend"),
+    "onnxruntime": _lazy("workers.inference.onnxruntime_backend", "OnnxRuntimeBackend"),  # cpu | cuda (CUDA EP)
+    "onnxruntime-tensorrt": _lazy("workers.inference.onnxruntime_tensorrt_backend", "OnnxRuntimeTensorRTBackend"),  # cuda
+    "tensorrt": _lazy("workers.inference.tensorrt_backend", "TensorRTBackend"),  # cuda, native engine
+    "torch": _lazy("workers.inference.torch_backend", "TorchBackend"),  # cpu | cuda, from models/<name>/model.py
 }
 
 

@@ -1,5 +1,7 @@
 """ONNX Runtime backend: CPU, or CUDA through the CUDA execution provider.
 
+(The TensorRT execution provider is ``onnxruntime_tensorrt_backend``, a subclass.)
+
 One ``InferenceSession`` is shared by all inference threads: ``session.run``
 is thread-safe and releases the GIL. ``threads`` sets intra-op threads per
 call; inter-op parallelism is off (the graph is a small MLP).
@@ -30,14 +32,7 @@ class OnnxRuntimeBackend:
         self._providers: list = []
 
     def load(self) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:  # pragma: no cover - a core dependency
-            raise BackendUnavailable(f"onnxruntime is not installed: pip install onnxruntime ({e})") from e
-        if not self.spec.onnx_path.is_file():
-            raise ValueError(
-                f"model file {self.spec.onnx_path} not found (artifacts.model in {self.spec.manifest_path}); "
-                f"train it with python {self.spec.path}/train.py")
+        ort = self._ort()
         available = ort.get_available_providers()
         if self.device == "cpu":
             providers: list = ["CPUExecutionProvider"]
@@ -46,8 +41,28 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailable(
                     f"device {self.device!r} needs onnxruntime's CUDAExecutionProvider, but this onnxruntime "
                     f"only has {available}: {GPU_HINT}")
-            dev_id = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
-            providers = [("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"device_id": self._device_id()}), "CPUExecutionProvider"]
+        self._open(providers, required="CUDAExecutionProvider" if self.device != "cpu" else None)
+
+    # -- shared with the TensorRT execution provider backend --------------------------------
+
+    def _ort(self):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - a core dependency
+            raise BackendUnavailable(f"onnxruntime is not installed: pip install onnxruntime ({e})") from e
+        if not self.spec.onnx_path.is_file():
+            raise ValueError(
+                f"model file {self.spec.onnx_path} not found (artifacts.model in {self.spec.manifest_path}); "
+                f"train it with python {self.spec.path}/train.py")
+        return ort
+
+    def _device_id(self) -> int:
+        return int(self.device.split(":", 1)[1]) if ":" in self.device else 0
+
+    def _open(self, providers: list, required: str | None) -> None:
+        """Create the session; ``required``: the provider that must be in use (no silent CPU fallback)."""
+        ort = self._ort()
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
@@ -61,10 +76,11 @@ class OnnxRuntimeBackend:
             if self.device != "cpu":
                 raise BackendUnavailable(f"could not start onnxruntime on {self.device}: {e}. {GPU_HINT}") from e
             raise ValueError(f"could not load {self.spec.onnx_path}: {e}") from e
-        if self.device != "cpu" and "CUDAExecutionProvider" not in sess.get_providers():
-            # ORT falls back to CPU silently when CUDA fails to initialise; we do not.
+        if required is not None and required not in sess.get_providers():
+            # ORT falls back to CPU silently when CUDA/TensorRT fail to initialise; we do not.
             raise BackendUnavailable(
-                f"onnxruntime could not initialise CUDA on {self.device} (providers in use: {sess.get_providers()}): {GPU_HINT}")
+                f"onnxruntime could not initialise {required} on {self.device} "
+                f"(providers in use: {sess.get_providers()}): {GPU_HINT}")
         inputs = {i.name: i for i in sess.get_inputs()}
         outputs = {o.name for o in sess.get_outputs()}
         if self.spec.input_name not in inputs:
