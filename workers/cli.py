@@ -5,6 +5,9 @@
     sluice produce ...                  synthetic security telemetry to a topic
     sluice bench ...                    worker vs. pass-through ceiling, one run
     sluice check-config --config FILE   validate and print the effective config
+    sluice models list|check            the models and their consistency (artifacts, schema, ONNX vs torch)
+    sluice score --model M --input F    offline scoring of JSON lines (backtests, replays)
+    sluice bench-inference --model M    rows/s and latency per batch size of one backend
 """
 
 from __future__ import annotations
@@ -121,6 +124,98 @@ def _cmd_drift_aggregator(args: argparse.Namespace) -> int:
     return drift_aggregator_main(args)
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from workers.models import check_model, describe_model, discover
+
+    if args.models_command == "list":
+        try:
+            models = [describe_model(p) for p in discover(args.root)]
+        except ValueError as exc:
+            print(f"sluice models list: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(models, indent=1))
+        else:
+            for m in models:
+                print(f"{m['name']:<20} {m['version']:<8} kind={m['event_kind']:<6} {m['path']:<28} "
+                      f"backends={','.join(f'{b}:{d}' for b, ds in m['devices'].items() for d in ds)}")
+        return 0
+    report = check_model(args.path, events=args.events)
+    if args.json:
+        print(json.dumps({"path": str(args.path), "ok": report.ok, "checks": report.items}, indent=1))
+    else:
+        for i in report.items:
+            print(f"{i['status']:<4}  {i['check']}: {i['detail']}")
+        print(f"models check: {'ok' if report.ok else 'FAILED'} ({args.path})")
+    return 0 if report.ok else 1
+
+
+def _load_backend(args: argparse.Namespace):
+    from workers.features import ModelSpec
+    from workers.inference import BackendUnavailable, create_backend
+
+    try:
+        spec = ModelSpec.load(args.model)
+        return spec, create_backend(spec, args.backend, args.device, threads=args.threads)
+    except (ValueError, BackendUnavailable) as exc:
+        print(f"sluice: cannot load the model: {exc}", file=sys.stderr)
+        return None, None
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from workers.offline import score_lines
+
+    spec, backend = _load_backend(args)
+    if backend is None:
+        return 2
+    backend.warmup([1, args.batch_size])
+    dead = open(args.dead_letters, "w", encoding="utf-8") if args.dead_letters else sys.stderr
+    try:
+        if args.input in (None, "-"):
+            source = "stdin"
+            counts = score_lines(spec, backend, sys.stdin.buffer, source, sys.stdout.buffer, dead, args.batch_size)
+        else:
+            path = Path(args.input)
+            try:
+                fh = open(path, "rb")
+            except OSError as exc:
+                print(f"sluice score: cannot read {path}: {exc}", file=sys.stderr)
+                return 2
+            source = path.name
+            with fh:
+                counts = score_lines(spec, backend, fh, source, sys.stdout.buffer, dead, args.batch_size)
+    except BrokenPipeError:  # e.g. | head
+        return 0
+    finally:
+        if dead is not sys.stderr:
+            dead.close()
+    reasons = " ".join(f"{k}={v}" for k, v in sorted(counts["by_reason"].items()))
+    print(f"score: model={spec.name} {spec.version} source={source} lines={counts['lines']} scored={counts['scored']} "
+          f"dead_letters={counts['dead_letters']}" + (f" ({reasons})" if reasons else ""), file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_inference(args: argparse.Namespace) -> int:
+    from workers.offline import bench_inference
+
+    spec, backend = _load_backend(args)
+    if backend is None:
+        return 2
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    rows = bench_inference(spec, backend, sizes, seconds=args.seconds)
+    result = {"model": spec.name, "version": spec.version, "backend": backend.describe(), "results": rows}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        d = backend.describe()
+        print(f"bench-inference: {spec.name} {spec.version} on {d['name']}:{d['device']} "
+              f"(threads={args.threads}, {spec.n_columns} columns)")
+        print(f"{'batch':>7} {'rows/s':>12} {'p50 ms':>9} {'p99 ms':>9} {'us/row':>8}")
+        for r in rows:
+            print(f"{r['batch_size']:>7} {r['rows_per_s']:>12,.0f} {r['latency_ms_p50']:>9.3f} "
+                  f"{r['latency_ms_p99']:>9.3f} {r['latency_us_per_row']:>8.3f}")
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Exactly-once streaming inference from Kafka to Kafka.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("produce", help="produce synthetic security telemetry")
     pr.add_argument("--bootstrap-servers", required=True)
     pr.add_argument("--topic", required=True)
-    pr.add_argument("--kind", default="flow")
+    pr.add_argument("--kind", default="flow", help="flow | auth")
     pr.add_argument("--count", type=int, required=True)
     pr.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
     pr.add_argument("--seed", type=int, default=0)
@@ -164,6 +259,40 @@ def build_parser() -> argparse.ArgumentParser:
     da = sub.add_parser("drift-aggregator", help="merge drift deltas of all replicas into windowed PSI reports (faust)")
     da.add_argument("--config", type=Path, help="TOML config file with [drift] (SLUICE_<SECTION>__<KEY> overrides)")
     da.set_defaults(func=_cmd_drift_aggregator)
+
+    m = sub.add_parser("models", help="list the models or check one (artifacts, schema, ONNX vs torch)")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="the models under models/, with the backends usable here")
+    ml.add_argument("--json", action="store_true", help="a JSON array, one object per model")
+    ml.add_argument("--root", type=Path, default=None, help="a folder of model folders (default: the repository's models/)")
+    ml.set_defaults(func=_cmd_models)
+    mc = msub.add_parser("check", help="artifacts match the manifest, schema and features agree, ONNX equals torch")
+    mc.add_argument("path", type=Path, help="a models/<name> folder")
+    mc.add_argument("--events", type=int, default=4000, help="generated events to check with")
+    mc.add_argument("--json", action="store_true")
+    mc.set_defaults(func=_cmd_models)
+
+    def backend_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", type=Path, required=True, help="a models/<name> folder")
+        q.add_argument("--backend", default="onnxruntime",
+                       help="onnxruntime | onnxruntime-tensorrt | tensorrt | torch (default onnxruntime)")
+        q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+        q.add_argument("--threads", type=int, default=1, help="intra-op threads of the backend")
+
+    sc = sub.add_parser("score", help="score JSON lines offline: score records (as on the score topic) to stdout")
+    backend_args(sc)
+    sc.add_argument("--input", default=None, help="a JSON-lines file (default or '-': stdin)")
+    sc.add_argument("--dead-letters", type=Path, default=None,
+                    help="write invalid lines here as JSON lines (default: stderr)")
+    sc.add_argument("--batch-size", type=int, default=2048)
+    sc.set_defaults(func=_cmd_score)
+
+    bi = sub.add_parser("bench-inference", help="rows/s and latency per batch size for a backend alone")
+    backend_args(bi)
+    bi.add_argument("--batch-sizes", default="1,8,64,256,1024,4096")
+    bi.add_argument("--seconds", type=float, default=1.0, help="measuring time per batch size")
+    bi.add_argument("--json", action="store_true")
+    bi.set_defaults(func=_cmd_bench_inference)
     return p
 
 
