@@ -103,6 +103,11 @@ def test_train_py_reproduces_the_committed_artifacts(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "baseline.json").read_text() == (MODEL / "baseline.json").read_text()
     assert (tmp_path / "model.onnx").read_bytes() == (MODEL / "model.onnx").read_bytes()
+    import torch
+
+    new = torch.load(tmp_path / "model.pt", weights_only=True)
+    old = torch.load(MODEL / "model.pt", weights_only=True)
+    assert new.keys() == old.keys() and all(torch.allclose(new[k], old[k], atol=1e-6) for k in old)
 
 
 def test_baseline_bins_give_low_psi_on_the_default_stream_and_high_under_drift(parts):
