@@ -301,6 +301,9 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
+        # a SIGKILLed aggregator's partitions move on after the session timeout (faust's default is 60 s)
+        broker_session_timeout=settings.kafka.session_timeout_ms / 1000.0,
+        broker_heartbeat_interval=max(settings.kafka.session_timeout_ms / 1000.0 / 5, 0.5),
         broker_commit_every=500,
         broker_commit_interval=1.0,
         key_serializer="json",     # tables; the topics are raw bytes

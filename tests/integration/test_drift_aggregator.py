@@ -65,6 +65,7 @@ def _start(bootstrap, topic, reports, group, log_path):
 [kafka]
 bootstrap_servers = "{bootstrap}"
 input_topics = ["{topic}-in"]
+session_timeout_ms = 6000
 [topics]
 drift = "{topic}"
 [model]
