@@ -143,7 +143,7 @@ class WindowedMerger:
         did = str(delta["delta_id"])
         if did in self.seen:
             self.duplicates += 1
-            log.info("duplicate delta ignored", extra={"delta_id": did})
+            log.info("duplicate delta ignored: %s", did, extra={"delta_id": did})
             return []
         mkey = self._mkey(model)
         m = self.meta.get(mkey) or {"model": model, "partition": partition, "watermark": _NEVER,
@@ -321,7 +321,8 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
             # the partition picks faust's transactional producer: the source partition's, so the
             # report commits in the same transaction as the offsets and table changes
             await reports.send(key=r["model"]["name"].encode(), value=orjson.dumps(r), partition=partition % report_parts)
-            log.info("drift report", extra={"report_id": r["report_id"], "count": r["count"], "max_psi": r["max_psi"],
+            log.info("drift report %s count=%d max_psi=%.4f alerts=%s", r["report_id"], r["count"], r["max_psi"],
+                     [a["name"] for a in r["alerts"]], extra={"report_id": r["report_id"], "count": r["count"], "max_psi": r["max_psi"],
                                             "alerts": [a["name"] for a in r["alerts"]]})
 
     @app.agent(app.topic(source_name, ticks_name, key_serializer="raw", value_serializer="raw"))
@@ -336,7 +337,7 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
                 await publish(merger.on_delta(delta, msg.partition), msg.partition)
             except (BadDelta, ValueError, KeyError, TypeError) as e:
                 merger.rejected += 1
-                log.error("delta rejected", extra={"partition": msg.partition, "offset": msg.offset, "error": str(e)})
+                log.error("delta rejected at %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, e, extra={"partition": msg.partition, "offset": msg.offset, "error": str(e)})
 
     tick_producer: list = []
 
@@ -353,6 +354,11 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
         for p in range(parts):
             await tick_producer[0].send_and_wait(ticks_name, key=b"tick", value=orjson.dumps({"at": time.time()}), partition=p)
 
+    async def _close_tick_producer(app, **kwargs):
+        while tick_producer:
+            await tick_producer.pop().stop()
+
+    app.on_before_shutdown.connect(_close_tick_producer)
     app._sluice_parts = parts  # for tests / logs
     return app
 
