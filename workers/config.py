@@ -134,7 +134,10 @@ class TopicsSettings(_Section):
 
 class ModelSettings(_Section):
     path: Path = Field(Path("models/flow_classifier"), description="A models/<name> folder holding manifest.toml.")
-    backend: str = Field("onnxruntime", description="Inference backend: onnxruntime (tensorrt, torch: see the models issue).")
+    backend: str = Field(
+        "onnxruntime",
+        description="Inference backend: onnxruntime | onnxruntime-tensorrt | tensorrt | torch (GPU ones need the gpu extra).",
+    )
     device: str = Field("cpu", description="cpu or cuda[:N]; a device that is not present fails at start.")
 
 
@@ -180,6 +183,35 @@ class LoggingSettings(_Section):
     format: Literal["auto", "json", "text"] = Field("auto", description="auto = JSON unless stderr is a terminal.")
 
 
+class DriftSettings(_Section):
+    enabled: bool = Field(True, description="Worker: add a drift delta per model to every transaction (to [topics] drift).")
+    recent_s: float = Field(
+        60.0, gt=0, le=86_400,
+        description="Worker: the sluice_drift_psi gauges and the status line cover this replica's deltas of the last recent_s seconds.",
+    )
+    window_s: float = Field(60.0, gt=0, le=86_400, description="Aggregator: length of the tumbling event-time windows.")
+    grace_s: float = Field(
+        10.0, ge=0, le=86_400,
+        description="Aggregator: a window closes (and its report is published) once event time passes its end + grace_s.",
+    )
+    idle_s: float = Field(
+        15.0, gt=0, le=86_400,
+        description="Aggregator: when no delta of a model arrived for idle_s seconds (wall clock), its open windows close anyway.",
+    )
+    reports_topic: str = Field("drift-reports", min_length=1, description="Aggregator: output topic, one report per model per closed window.")
+    psi_alert: float = Field(0.2, gt=0, description="Aggregator: a feature or the score whose PSI reaches this is listed in the report's alerts.")
+    group_id: str = Field("sluice-drift-aggregator", min_length=1, description="Aggregator: consumer group (and faust app id).")
+    dedupe_retention_s: float = Field(
+        3600.0, gt=0, description="Aggregator: delta_ids are remembered this long (event time) to drop duplicates."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DriftSettings":
+        if self.grace_s >= 100 * self.window_s:
+            raise ValueError("drift.grace_s must stay below 100 windows (window_s)")
+        return self
+
+
 class Settings(BaseSettings):
     """The worker's whole configuration."""
 
@@ -198,6 +230,7 @@ class Settings(BaseSettings):
     transactions: TransactionsSettings = Field(default_factory=TransactionsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     _toml_path: ClassVar[Path | None] = None
 
@@ -219,7 +252,7 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> "Settings":
         if not self.kafka.input_topics:
             raise ValueError("kafka.input_topics: at least one input topic is required")
-        outputs = {self.topics.scores, self.topics.dlq, self.topics.drift}
+        outputs = {self.topics.scores, self.topics.dlq, self.topics.drift, self.drift.reports_topic}
         loops = outputs & set(self.kafka.input_topics)
         if loops:
             raise ValueError(f"topics: output topic {sorted(loops)[0]!r} is also an input topic (a feedback loop)")

@@ -33,9 +33,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import orjson
-from pydantic import Field, model_validator
-
-from workers.config import _Section
+from workers.config import DriftSettings  # re-exported for the aggregator
 from workers.features import Baseline, ModelSpec, psi
 
 __all__ = [
@@ -48,36 +46,6 @@ REPORT_TYPE = "sluice.drift_report"
 FORMAT_VERSION = 1
 
 
-try:  # once [drift] is part of workers.config.Settings, that definition is the one
-    from workers.config import DriftSettings  # type: ignore[attr-defined]
-except ImportError:
-    class DriftSettings(_Section):
-        enabled: bool = Field(True, description="Worker: add a drift delta per model to every transaction (to [topics] drift).")
-        recent_s: float = Field(
-            60.0, gt=0, le=86_400,
-            description="Worker: the sluice_drift_psi gauges and the status line cover this replica's deltas of the last recent_s seconds.",
-        )
-        window_s: float = Field(60.0, gt=0, le=86_400, description="Aggregator: length of the tumbling event-time windows.")
-        grace_s: float = Field(
-            10.0, ge=0, le=86_400,
-            description="Aggregator: a window closes (and its report is published) once event time passes its end + grace_s.",
-        )
-        idle_s: float = Field(
-            15.0, gt=0, le=86_400,
-            description="Aggregator: when no delta of a model arrived for idle_s seconds (wall clock), its open windows close anyway.",
-        )
-        reports_topic: str = Field("drift-reports", min_length=1, description="Aggregator: output topic, one report per model per closed window.")
-        psi_alert: float = Field(0.2, gt=0, description="Aggregator: a feature or the score whose PSI reaches this is listed in the report's alerts.")
-        group_id: str = Field("sluice-drift-aggregator", min_length=1, description="Aggregator: consumer group (and faust app id).")
-        dedupe_retention_s: float = Field(
-            3600.0, gt=0, description="Aggregator: delta_ids are remembered this long (event time) to drop duplicates."
-        )
-
-        @model_validator(mode="after")
-        def _check(self) -> "DriftSettings":
-            if self.grace_s >= 100 * self.window_s:
-                raise ValueError("drift.grace_s must stay below 100 windows (window_s)")
-            return self
 
 
 # ----------------------------------------------------------------------------- reference bins

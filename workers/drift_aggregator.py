@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import Field, ValidationError
 
 from workers.drift import (
     DELTA_TYPE, DriftSettings, RefBins, build_report, load_reference, merge_into, empty_state, window_start,
@@ -226,30 +225,10 @@ class WindowedMerger:
 
 
 def load_config(path: str | Path | None):
-    """(Settings, DriftSettings) from the worker's config file (+ SLUICE_* env).
+    """(Settings, DriftSettings) from the worker's config file (+ SLUICE_* env)."""
+    from workers.config import load_settings
 
-    Works before and after ``[drift]`` joins ``workers.config.Settings``.
-    """
-    from workers import config as C
-
-    if "drift" in C.Settings.model_fields:
-        s = C.load_settings(path)
-        return s, s.drift
-
-    class _AggregatorSettings(C.Settings):
-        drift: DriftSettings = Field(default_factory=DriftSettings)
-
-    toml_path = Path(path) if path is not None else None
-    if toml_path is not None and not toml_path.is_file():
-        raise C.ConfigError(f"config file {toml_path} does not exist")
-    _AggregatorSettings._toml_path = toml_path
-    try:
-        s = _AggregatorSettings()
-    except ValidationError as exc:
-        lines = [C._format_error(e, toml_path) for e in exc.errors()]
-        raise C.ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
-    finally:
-        _AggregatorSettings._toml_path = None
+    s = load_settings(path)
     return s, s.drift
 
 
