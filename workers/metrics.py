@@ -100,9 +100,19 @@ class Metrics:
         )
         self.rebalances = Counter("sluice_rebalances", "Partitions assigned / revoked / lost.", ["event"], registry=r)
         self.model_info = Info("sluice_model", "The served model.", registry=r)
+        self.drift_psi = Gauge(
+            "sluice_drift_psi", "PSI of this replica's recent traffic against the training baseline.",
+            ["model", "feature"], registry=r,
+        )
+        self.ready_gauge = Gauge("sluice_ready", "1 when /readyz answers 200.", registry=r)
         self.alive_at = time.monotonic()
         self.ready = False
         self.not_ready_reason = "starting"
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        self.ready = ready
+        self.not_ready_reason = reason
+        self.ready_gauge.set(1 if ready else 0)
 
     def heartbeat(self) -> None:
         self.alive_at = time.monotonic()

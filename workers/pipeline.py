@@ -11,8 +11,10 @@ a fenced producer exits (the supervisor restarts it).
 The commit protocol, as in DESIGN.md:
 
 1. ``begin_transaction()`` when the first output of a new transaction is emitted.
-2. Emit score records and dead letters of completed batches, in submission order.
-3. Every ``commit_interval_ms`` (and on revoke and shutdown):
+2. Emit score records and dead letters of completed batches, in submission order,
+   and add the scored rows to the model's drift delta.
+3. Every ``commit_interval_ms``, when the pipeline goes idle, and on revoke and
+   shutdown: produce the drift delta of this transaction, then
    ``send_offsets_to_transaction(next offsets of everything emitted, group
    metadata)``, then ``commit_transaction()``.
 4. Abortable error: ``abort_transaction()``, drop in-flight work, rewind every
@@ -45,6 +47,7 @@ from confluent_kafka.admin import AdminClient
 
 from workers.batching import MicroBatcher
 from workers.config import Settings
+from workers.drift import DriftAccumulator
 from workers.features import Featurizer, ModelSpec, Reject
 from workers.inference import create_backend
 from workers.inference.pool import InferencePool, InferenceResult
@@ -67,6 +70,8 @@ BACKPRESSURE_WAIT_S = 0.01
 RESUME_FRACTION = 0.5
 # Fetching committed offsets when rewinding after an abort.
 COMMITTED_TIMEOUT_S = 15.0
+# PSI gauges are recomputed at most this often (a PSI over every feature per commit is waste).
+DRIFT_GAUGE_INTERVAL_S = 1.0
 
 
 class StopWorker(Exception):
@@ -104,6 +109,7 @@ class Stats:
     first_fetch_at: float | None = None
     last_commit_at: float | None = None
     lag: int = 0
+    max_psi: float = math.nan
     recent_latency: deque = field(default_factory=lambda: deque(maxlen=64))  # numpy arrays, last batches
 
     def latency_quantile(self, q: float) -> float:
@@ -127,6 +133,8 @@ class Pipeline:
         self._inflight: deque[Batch] = deque()
         self._pending_offsets: dict[tuple[str, int], int] = {}
         self._txn_started_at: float | None = None
+        self._drift_gauges_at = 0.0
+        self.drift: DriftAccumulator | None = None
         self.consumer: Consumer | None = None
         self.producer: TransactionalProducer | None = None
         self.pool: InferencePool | None = None
@@ -145,6 +153,8 @@ class Pipeline:
         backend.warmup(sizes)
         self.backend = backend
         self.encoder = ScoreEncoder(self.spec.name, self.spec.version, self.spec.threshold)
+        if s.drift.enabled:
+            self.drift = DriftAccumulator(self.spec, s.kafka.replica_id, recent_s=s.drift.recent_s)
         self.metrics.model_info.info(
             {"name": self.spec.name, "version": self.spec.version, "backend": s.model.backend, "device": s.model.device}
         )
@@ -180,7 +190,9 @@ class Pipeline:
         self.batcher: MicroBatcher[Message] = MicroBatcher(
             s.batching.max_batch_size, s.batching.max_batch_delay_ms / 1000.0, s.batching.adaptive
         )
-        self.metrics.not_ready_reason = "waiting for partition assignment"
+        # Ready: model warm, producer initialised, subscribed. A replica without partitions
+        # (more replicas than partitions) is ready too: it takes over on the next rebalance.
+        self.metrics.set_ready(True)
 
     # ------------------------------------------------------------- main loop
 
@@ -201,8 +213,7 @@ class Pipeline:
             return stop.exit_code
         except FatalProducerError as exc:
             log.error("fatal producer error; exiting for the supervisor to restart", extra={"error": str(exc)})
-            self.metrics.ready = False
-            self.metrics.not_ready_reason = "producer fenced or fatal error"
+            self.metrics.set_ready(False, "producer fenced or fatal error")
             self._close(abort=False)
             return 3
 
@@ -240,6 +251,11 @@ class Pipeline:
                 wait = min(wait, 0.005)
             msgs = self._consume(batcher.room, wait)
             now = time.monotonic()
+            if not msgs and not self._inflight and not len(batcher) and self._txn_started_at is not None:
+                # Idle: a whole poll brought nothing and everything consumed is emitted, so
+                # commit now rather than make readers wait for the interval.
+                self._commit("idle")
+                continue
             for full in batcher.add(msgs, now):
                 self._submit(full)
             if batcher.due(now, self.pool.idle):
@@ -333,9 +349,13 @@ class Pipeline:
             scores = scores[ok]
             event_ids = [e for e, good in zip(fb.event_ids, ok.tolist()) if good]
             event_ts = fb.event_ts[ok]
+            raw = fb.raw[ok]
         else:
             event_ids = fb.event_ids
             event_ts = fb.event_ts
+            raw = fb.raw
+        if self.drift is not None and len(scores):
+            self.drift.add(raw, scores, event_ts)
 
         n = len(positions)
         if n:
@@ -390,6 +410,12 @@ class Pipeline:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending_offsets.items()]
         start = time.perf_counter()
         try:
+            if self.drift is not None:
+                # The delta rides in the transaction that commits the offsets of the events it
+                # counts: every scored event is counted exactly once, across crashes too.
+                delta = self.drift.take_delta()
+                if delta is not None:
+                    self.producer.produce(self.settings.topics.drift, delta, self.spec.name.encode())
             self.producer.commit(offsets, self.consumer.consumer_group_metadata())
         except AbortableError as exc:
             log.warning("transaction failed; aborting and rewinding", extra={"error": str(exc), "during": why})
@@ -401,12 +427,20 @@ class Pipeline:
         self._txn_started_at = None
         self.stats.commits += 1
         self.stats.last_commit_at = time.monotonic()
+        if self.drift is not None and self.stats.last_commit_at - self._drift_gauges_at >= DRIFT_GAUGE_INTERVAL_S:
+            self._drift_gauges_at = self.stats.last_commit_at
+            psi = self.drift.recent_psi()
+            for feature, value in psi.items():
+                self.metrics.drift_psi.labels(self.spec.name, feature).set(value)
+            self.stats.max_psi = max(psi.values(), default=math.nan)
 
     def _abort_and_rewind(self, reason: str, partitions: set[tuple[str, int]] | None = None) -> None:
         """Step 4: abort, drop in-flight work, rewind to the last committed offsets."""
         self._drop_inflight()
         self.batcher.take()
         self.producer.abort()
+        if self.drift is not None:
+            self.drift.reset()
         self._pending_offsets.clear()
         self._txn_started_at = None
         self.stats.aborts += 1
@@ -455,10 +489,9 @@ class Pipeline:
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         if self._paused and partitions:
             consumer.pause(partitions)
+            self.metrics.paused_partitions.set(len(self._assigned))
         self.metrics.assigned_partitions.set(len(self._assigned))
         self.metrics.rebalances.labels("assigned").inc(len(partitions))
-        self.metrics.ready = True
-        self.metrics.not_ready_reason = ""
         log.info("partitions assigned", extra={"partitions": _names(partitions), "total": len(self._assigned)})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -473,6 +506,7 @@ class Pipeline:
             self._abort_and_rewind("revoke_timeout", partitions=self._assigned - revoked)
         for key in revoked:
             self._pending_offsets.pop(key, None)
+        self._forget_lag(revoked)
         self._assigned -= revoked
         consumer.incremental_unassign(partitions)
         self.metrics.assigned_partitions.set(len(self._assigned))
@@ -484,10 +518,19 @@ class Pipeline:
         lost = {(tp.topic, tp.partition) for tp in partitions}
         log.warning("partitions lost; aborting the open transaction", extra={"partitions": _names(partitions)})
         self._abort_and_rewind("partitions_lost", partitions=self._assigned - lost)
+        self._forget_lag(lost)
         self._assigned -= lost
         consumer.incremental_unassign(partitions)
         self.metrics.assigned_partitions.set(len(self._assigned))
         self.metrics.rebalances.labels("lost").inc(len(partitions))
+
+    def _forget_lag(self, partitions: set[tuple[str, int]]) -> None:
+        """Drop lag series of partitions this replica no longer owns (the new owner reports them)."""
+        for topic, partition in partitions:
+            try:
+                self.metrics.consumer_lag.remove(topic, str(partition))
+            except KeyError:
+                pass
 
     def _pause(self) -> None:
         tps = [TopicPartition(t, p) for t, p in self._assigned]
@@ -507,8 +550,7 @@ class Pipeline:
 
     def _shutdown(self) -> int:
         """Step 7: stop consuming, drain, commit, close; abort on a second signal or the deadline."""
-        self.metrics.ready = False
-        self.metrics.not_ready_reason = "shutting down"
+        self.metrics.set_ready(False, "shutting down")
         deadline = time.monotonic() + self.settings.transactions.shutdown_timeout_ms / 1000.0
         if self._assigned:
             self._pause()
@@ -533,11 +575,16 @@ class Pipeline:
         if self.producer is not None and abort:
             try:
                 self._drop_inflight()
+                if self.producer.in_transaction:
+                    self.metrics.txn_aborted.labels("shutdown").inc()
                 self.producer.abort(timeout=5.0)
             except Exception as exc:  # noqa: BLE001 - the broker's timeout / next init aborts it anyway
                 log.warning("abort at close failed", extra={"error": str(exc)})
         if self.pool is not None:
             self.pool.shutdown(wait=False)
+            close = getattr(self.backend, "close", None)
+            if close is not None:  # GPU backends free device buffers here
+                close()
         if self.consumer is not None:
             self.metrics.consumer_lag.clear()
             try:
