@@ -2,4 +2,6 @@ import sys
 
 from workers.cli import main
 
-sys.exit(main())
+# Guarded: multiprocessing's spawn start method re-imports the main module in children.
+if __name__ == "__main__":
+    sys.exit(main())

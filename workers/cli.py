@@ -24,6 +24,12 @@ from workers.config import ConfigError, load_settings, reference
 
 log = logging.getLogger("sluice")
 
+# Exit codes (systemd / Kubernetes): 0 drained and committed; 1 drain deadline passed (aborted);
+# 2 bad configuration or model (retrying will not help); 3 fenced or fatal producer error;
+# 75 cannot start for now (cluster unreachable, topic missing); 143 forced by a second signal.
+EXIT_CONFIG = 2
+EXIT_TEMPFAIL = 75
+
 
 def _cmd_run(args: argparse.Namespace) -> int:
     # Signals first: a SIGTERM while the model loads or transactions initialise must
@@ -40,6 +46,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    from confluent_kafka import KafkaException
+
+    from workers.kafka.admin import TopicError
+    from workers.kafka.producer import FatalProducerError
     from workers.metrics import Metrics, MetricsServer
     from workers.pipeline import Pipeline
 
@@ -54,12 +64,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         try:
             pipeline.start()
+        except (TopicError, FatalProducerError, KafkaException) as exc:
+            # The cluster is unreachable, a topic is missing, init_transactions failed:
+            # may pass on a retry, so a supervisor should keep restarting (EX_TEMPFAIL).
+            log.error("cannot start (temporary)", extra={"error": f"{type(exc).__name__}: {exc}"})
+            print(f"sluice: cannot start: {exc}", file=sys.stderr)
+            return EXIT_TEMPFAIL
         except (OSError, ValueError, RuntimeError) as exc:
-            # Bad model folder, missing backend or topic, broker unreachable, fenced at init:
-            # say what is wrong and exit non-zero instead of a traceback.
+            # Bad model folder, backend or device not installed: retrying will not help.
             log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
             print(f"sluice: cannot start: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         log.info(
             "worker started",
             extra={"group": settings.kafka.group_id, "replica": settings.kafka.replica_id,
@@ -302,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"sluice: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
 
