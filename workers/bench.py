@@ -19,6 +19,7 @@ machine named.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -158,39 +159,43 @@ def worker_throughput(bootstrap: str, topic: str, count: int, args) -> dict:
     }
 
 
+def _read_scores(bootstrap: str, topic: str, count: int, seconds: float, conn) -> None:
+    """In its own process: time from each event's ts to its score being readable (read_committed)."""
+    c = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"bench-reader-{topic}", "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed", "enable.auto.commit": False,
+    })
+    c.subscribe([f"{topic}-scores"])
+    deadline = time.monotonic() + seconds + 60
+    seen: list[float] = []
+    while len(seen) < count and time.monotonic() < deadline:
+        for m in c.consume(5000, 0.02):
+            if m.error() is None:
+                seen.append(time.time() - orjson.loads(m.value())["event_ts"])
+    c.close()
+    conn.send(seen)
+
+
 def latency_at_rate(bootstrap: str, topic: str, rate: float, seconds: float, args) -> dict:
+    """Offer `rate` events/s from another process; measure what a read_committed reader sees."""
     pipeline = Pipeline(_worker_settings(bootstrap, topic, f"bench-lat-{topic}", args))
     pipeline.start()
     count = int(rate * seconds)
-    seen: list[float] = []
-    reader_done = threading.Event()
-
-    def read_scores():
-        c = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": f"bench-reader-{topic}", "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed", "enable.auto.commit": False,
-        })
-        c.subscribe([f"{topic}-scores"])
-        deadline = time.monotonic() + seconds + 60
-        got = 0
-        while got < count * 0.99 and time.monotonic() < deadline and not reader_done.is_set():
-            for m in c.consume(5000, 0.05):
-                if m.error():
-                    continue
-                now = time.time()
-                seen.append(now - orjson.loads(m.value())["event_ts"])
-                got += 1
-        c.close()
-
-    reader = threading.Thread(target=read_scores, daemon=True)
+    # Feeder and reader are separate processes, as in production: in this process they
+    # would compete with the orchestrator thread for the GIL and measure themselves.
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    reader = ctx.Process(target=_read_scores, args=(bootstrap, topic, count, seconds, child), daemon=True)
     reader.start()
-    feeder = threading.Thread(
-        target=produce_telemetry, args=(bootstrap, topic), kwargs={"count": count, "rate": rate, "seed": 99},
-        daemon=True,
+    feeder = subprocess.Popen(
+        [sys.executable, "-m", "workers", "produce", "--bootstrap-servers", bootstrap, "--topic", topic,
+         "--count", str(count), "--rate", str(rate), "--seed", "99"], stdout=subprocess.DEVNULL,
     )
-    feeder.start()
-    _run_worker_until(pipeline, lambda: not feeder.is_alive() and not reader.is_alive())
-    reader_done.set()
+    # The reader's result is larger than a pipe buffer: it is done when its result is ready
+    # (waiting for it to exit would deadlock on the send).
+    _run_worker_until(pipeline, lambda: feeder.poll() is not None and parent.poll())
+    seen = parent.recv() if parent.poll(5) else []
+    reader.join(5)
     # Discard the first second: group join and warm-up are not steady state.
     lat = np.array(seen[int(rate):] or seen or [np.nan])
     emit = pipeline.stats.latency_quantile
