@@ -34,6 +34,11 @@ BAD_FRACTION = 0.01
 # After traffic stops, how long the worker may take to catch up before the demo stops it anyway.
 CATCH_UP_TIMEOUT_S = 20.0
 MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "flow_classifier"
+# The second half of the demo's traffic drifts by this magnitude (sluice produce --drift).
+DRIFT_PHASE_MAGNITUDE = 1.0
+# The status line's PSI covers this many seconds, so the drifting phase shows within seconds.
+STATUS_PSI_WINDOW_S = 5.0
+DRIFT_ALERT_PSI = 0.2
 
 
 def _status_line(p: Pipeline, prev: dict, elapsed: float) -> str:
@@ -44,9 +49,11 @@ def _status_line(p: Pipeline, prev: dict, elapsed: float) -> str:
     batch = st.batch_events / st.batches if st.batches else 0.0
     p99 = st.latency_quantile(0.99) * 1000
     prev.update(t=elapsed, consumed=st.consumed, scored=st.scored)
+    psi = "  n/a" if st.max_psi != st.max_psi else f"{st.max_psi:5.2f}"
+    alert = " DRIFT" if st.max_psi >= DRIFT_ALERT_PSI else ""
     return (
-        f"[{elapsed:5.1f}s] consumed/s={consumed_s:8.0f} scored/s={scored_s:8.0f} dlq={st.dead_letters:6d} "
-        f"batch={batch:6.1f} p99={p99:6.1f}ms lag={st.lag:6d} commits={st.commits}"
+        f"[{elapsed:5.1f}s] consumed/s={consumed_s:7.0f} scored/s={scored_s:7.0f} dlq={st.dead_letters:5d} "
+        f"batch={batch:6.1f} p99={p99:6.1f}ms lag={st.lag:5d} commits={st.commits:4d} max_psi={psi}{alert}"
     )
 
 
@@ -91,6 +98,7 @@ def run_demo(duration: float = 30.0, rate: float = 5000.0, partitions: int = 4) 
             model={"path": str(MODEL_PATH)},
             metrics={"port": 0, "host": "127.0.0.1"},
             transactions={"commit_interval_ms": 100},
+            drift={"recent_s": STATUS_PSI_WINDOW_S},
         )
         metrics = Metrics()
         server = MetricsServer(metrics, "127.0.0.1", 0).start()
@@ -98,17 +106,27 @@ def run_demo(duration: float = 30.0, rate: float = 5000.0, partitions: int = 4) 
         pipeline.start()
         print(f"demo: worker ready; metrics at http://127.0.0.1:{server.port}/metrics; "
               f"offering {rate:.0f} events/s for {duration:.0f}s with {BAD_FRACTION:.0%} malformed records")
+        print(f"demo: first half training-like traffic, second half drifted (--drift {DRIFT_PHASE_MAGNITUDE}); "
+              f"max_psi is over the last {STATUS_PSI_WINDOW_S:.0f}s, DRIFT at >= {DRIFT_ALERT_PSI}")
 
         count = int(rate * duration)
         produced: dict = {}
         stop_traffic = threading.Event()
 
         def traffic():
+            seed = int(time.time())
             try:
-                produced["n"] = produce_telemetry(
-                    broker.bootstrap, INPUT_TOPIC, count=count, rate=rate, seed=int(time.time()),
+                n = produce_telemetry(
+                    broker.bootstrap, INPUT_TOPIC, count=count // 2, rate=rate, seed=seed,
                     bad_fraction=BAD_FRACTION, stop=stop_traffic,
                 )
+                if not stop_traffic.is_set():
+                    print(f"demo: traffic now drifts (--drift {DRIFT_PHASE_MAGNITUDE})", flush=True)
+                    n += produce_telemetry(
+                        broker.bootstrap, INPUT_TOPIC, count=count - count // 2, rate=rate, seed=seed + 1,
+                        bad_fraction=BAD_FRACTION, stop=stop_traffic, drift=DRIFT_PHASE_MAGNITUDE,
+                    )
+                produced["n"] = n
             except Exception as exc:  # noqa: BLE001 - reported below, the demo then fails
                 produced["error"] = str(exc)
 
@@ -150,6 +168,8 @@ def run_demo(duration: float = 30.0, rate: float = 5000.0, partitions: int = 4) 
         n = produced.get("n", 0)
         scores = _read_back(broker.bootstrap, settings.topics.scores, 0)
         dlq = _read_back(broker.bootstrap, settings.topics.dlq, 0, timeout=10.0)
+        deltas = _read_back(broker.bootstrap, settings.topics.drift, 0, timeout=10.0)
+        counted = sum(orjson.loads(m.value())["count"] for m in deltas)
         print("demo: sample scores (committed, read back with read_committed):")
         ranked = sorted((orjson.loads(m.value()) for m in scores[:5000]), key=lambda r: -r["score"])
         for rec in ranked[:3] + ranked[-2:]:
@@ -162,10 +182,11 @@ def run_demo(duration: float = 30.0, rate: float = 5000.0, partitions: int = 4) 
                     reasons[v.decode()] = reasons.get(v.decode(), 0) + 1
         if reasons:
             print("demo: dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
-        ok = len(scores) + len(dlq) == n and code == 0
+        ok = len(scores) + len(dlq) == n and counted == len(scores) and code == 0
         st = pipeline.stats
         print(
-            f"demo: scored={len(scores)} dlq={len(dlq)} produced={n} commits={st.commits} aborts={st.aborts} "
-            f"p99_ms={st.latency_quantile(0.99) * 1000:.1f} exactly_once={'ok' if ok else 'MISMATCH'}"
+            f"demo: scored={len(scores)} dlq={len(dlq)} produced={n} drift_counted={counted} commits={st.commits} "
+            f"aborts={st.aborts} p99_ms={st.latency_quantile(0.99) * 1000:.1f} "
+            f"exactly_once={'ok' if ok else 'MISMATCH'}"
         )
         return 0 if ok else 1
