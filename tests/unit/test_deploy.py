@@ -35,10 +35,8 @@ DASHBOARD = DEPLOY / "grafana" / "sluice.json"
 
 # Metrics referenced by deploy/ before the worker exports them. Remove an entry once
 # the metric exists (test_pending_metrics_still_pending says when).
-PENDING_METRICS = {
-    # Per-model, per-feature PSI gauge (labels model, feature): being added with drift.py.
-    "sluice_drift_psi": {"model", "feature"},
-}
+# Metrics referenced by deploy/ before the worker exports them (none at present).
+PENDING_METRICS: dict[str, set[str]] = {}
 # Labels Prometheus attaches to every scraped series (target and operator labels).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}
 # SLUICE_* variables that are not settings (test harness, documented as such).
