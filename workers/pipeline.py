@@ -268,7 +268,16 @@ class Pipeline:
             m = self.consumer.poll(timeout)
             msgs = [m] if m is not None else []
         else:
-            msgs = self.consumer.consume(n, timeout)
+            # consume(n, timeout) would block until n messages arrive, so every batch would wait
+            # to fill. Take what is queued now; if nothing, block only until the first message
+            # arrives and take what came with it: batches grow with load by themselves.
+            msgs = self.consumer.consume(n, 0)
+            if not msgs and timeout > 0:
+                first = self.consumer.poll(timeout)
+                if first is not None:
+                    msgs = [first]
+                    if n > 1:
+                        msgs += self.consumer.consume(n - 1, 0)
         if not msgs:
             return msgs
         good = []
