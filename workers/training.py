@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.features import ModelSpec
+from workers.features import FeatureBatch, Featurizer, ModelSpec
 
 SCORE_BINS = 10
 FEATURE_BINS = 10
@@ -41,6 +41,14 @@ def metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
         "n": int(len(y)),
         "positives": int(y.sum()),
     }
+
+
+def featurize(fz: Featurizer, values: list[bytes]) -> FeatureBatch:
+    """Featurize training data; generated training data must have no reject."""
+    fb = fz.featurize(values)
+    if fb.rejects:
+        raise SystemExit(f"training data has {len(fb.rejects)} rejects, first: {fb.rejects[0]}")
+    return fb
 
 
 def feature_baseline(spec: ModelSpec, raw: np.ndarray) -> list[dict]:

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from workers import telemetry  # noqa: E402
 from workers.features import Featurizer, ModelSpec  # noqa: E402
-from workers.training import auc, feature_baseline, metrics, score_baseline, stamp_onnx  # noqa: E402
+from workers.training import feature_baseline, featurize, metrics, score_baseline, stamp_onnx  # noqa: E402
 
 N_TRAIN = 200_000
 N_CALIB = 40_000
@@ -55,13 +55,6 @@ LR = 3e-3
 CONTAMINATION = 0.005       # unlabelled attacks in the training stream
 CALIB_QUANTILE = 0.99       # e_ref: this quantile of held-out errors scores 0.5
 MEDIAN_SCORE = 0.02         # the median held-out error scores this
-
-
-def featurize(fz: Featurizer, values: list[bytes]):
-    fb = fz.featurize(values)
-    if fb.rejects:
-        raise SystemExit(f"training data has {len(fb.rejects)} rejects, first: {fb.rejects[0]}")
-    return fb
 
 
 def main(argv: list[str] | None = None) -> int:
