@@ -68,6 +68,10 @@ BACKPRESSURE_WAIT_S = 0.01
 # Resume paused partitions once in-flight batches drop to this share of the limit,
 # so pause/resume does not flap at the boundary.
 RESUME_FRACTION = 0.5
+# Exit codes the loop can end with (the CLI documents the full table).
+EXIT_FENCED = 3      # producer or consumer fenced by another process with this replica id
+EXIT_TEMPFAIL = 75   # the cluster failed us (e.g. committed offsets unreadable); a restart may succeed
+
 # Fetching committed offsets when rewinding after an abort.
 COMMITTED_TIMEOUT_S = 15.0
 # PSI gauges are recomputed at most this often (a PSI over every feature per commit is waste).
@@ -215,14 +219,14 @@ class Pipeline:
             log.error("fatal producer error; exiting for the supervisor to restart", extra={"error": str(exc)})
             self.metrics.set_ready(False, "producer fenced or fatal error")
             self._close(abort=False)
-            return 3
+            return EXIT_FENCED
 
     def _loop(self) -> None:
         s = self.settings
         commit_interval = s.transactions.commit_interval_ms / 1000.0
         max_inflight = s.batching.max_inflight_batches
         resume_at = max(0, int(max_inflight * RESUME_FRACTION))
-        consumer, batcher = self.consumer, self.batcher
+        batcher = self.batcher
         while not self._stop_requested:
             self.metrics.heartbeat()
             self._emit_completed(block_s=0.0)
@@ -286,7 +290,8 @@ class Pipeline:
             if err is None:
                 good.append(m)
             elif err.fatal():
-                raise StopWorker(4, f"fatal consumer error: {err.str()}")
+                # e.g. FENCED_INSTANCE_ID: another process runs with this replica id.
+                raise StopWorker(EXIT_FENCED, f"fatal consumer error: {err.str()}")
             else:
                 log.warning("consumer error", extra={"error": err.str(), "code": err.name()})
         if good:
@@ -461,7 +466,7 @@ class Pipeline:
         try:
             committed = self.consumer.committed(tps, timeout=COMMITTED_TIMEOUT_S)
         except KafkaException as exc:
-            raise StopWorker(5, f"cannot read committed offsets to rewind: {exc}") from exc
+            raise StopWorker(EXIT_TEMPFAIL, f"cannot read committed offsets to rewind: {exc}") from exc
         for tp in committed:
             if tp.offset == OFFSET_INVALID or tp.offset < 0:
                 tp.offset = -2  # OFFSET_BEGINNING: nothing committed yet for this partition
@@ -571,7 +576,7 @@ class Pipeline:
             except FatalProducerError as exc:
                 log.error("fatal error while committing at shutdown", extra={"error": str(exc)})
                 self._close(abort=False)
-                return 3
+                return EXIT_FENCED
             if not self.producer.in_transaction:
                 log.info("drained and committed; closing", extra=self._summary())
                 self._close(abort=False)
