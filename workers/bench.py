@@ -39,7 +39,6 @@ from confluent_kafka.admin import AdminClient
 from workers import logs
 from workers.config import load_settings
 from workers.kafka.admin import ensure_topics
-from workers.kafka.telemetry_producer import produce_telemetry
 from workers.pipeline import Pipeline
 
 MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "flow_classifier"

@@ -10,7 +10,6 @@ score or dead letter.
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import tempfile

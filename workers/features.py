@@ -35,7 +35,7 @@ import pathlib
 import re
 import zlib
 from itertools import repeat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Optional, Sequence, Union
 
 import msgspec

@@ -13,7 +13,6 @@ nothing is skipped silently, and the counts close the run on stderr.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import IO, BinaryIO, Iterable, Iterator, Sequence
 

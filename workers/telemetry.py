@@ -915,7 +915,6 @@ def generate(kind: str = "flow", count: int | None = 1000, seed: int = 0, bad_fr
     headers_ok = [("content-type", b"application/json"), ("sluice-event-kind", k.name.encode())]
     key_field = k.key_field
     rng_def = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, 0xBAD]))
-    dumps = orjson.dumps
     names = k.subtypes
     for ch in _chunks(k, count, seed, bad_fraction, start_ts, rate, attack_fraction, drift):
         if with_labels:
@@ -945,7 +944,6 @@ def generate_labelled(kind: str = "flow", count: int = 10000, seed: int = 0, *, 
     k = _kind(kind)
     values: list[bytes] = []
     subs = []
-    dumps = orjson.dumps
     for ch in _chunks(k, count, seed, 0.0, start_ts, None, attack_fraction, drift):
         values.extend(_dumps_many(ch.events))
         subs.append(ch.subtype)

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Producer
