@@ -135,9 +135,16 @@ class Outcome:
 
 
 def outcome(bootstrap: str, input_topic: str, expected: int, timeout: float = 90.0) -> Outcome:
-    scores = read_all(bootstrap, f"{input_topic}-scores", timeout=timeout)
-    dlq = read_all(bootstrap, f"{input_topic}-dlq", timeout=timeout)
-    return Outcome(scores, dlq)
+    """The committed scores and dead letters of `input_topic`, once they number at least `expected`
+    (or at `timeout`: the caller's assertions then say what is missing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(1.0, deadline - time.monotonic())
+        scores = read_all(bootstrap, f"{input_topic}-scores", timeout=left)
+        dlq = read_all(bootstrap, f"{input_topic}-dlq", timeout=left)
+        if len(scores) + len(dlq) >= expected or time.monotonic() >= deadline:
+            return Outcome(scores, dlq)
+        time.sleep(0.5)
 
 
 def assert_exactly_once(out: Outcome, input_topic: str, partition_ends: dict[int, int]) -> None:

@@ -1,4 +1,4 @@
-"""The auth model through the worker: streaming scores equal `sluice score` on the same events."""
+"""Each model through the worker: streaming scores equal `sluice score` on the same events."""
 
 from __future__ import annotations
 
@@ -6,23 +6,26 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 from workers.kafka.telemetry_producer import produce_telemetry
 
 from .worker_harness import ROOT, WorkerProc, assert_exactly_once, outcome, partition_ends, read_all, worker_env
 
-AUTH = ROOT / "models" / "auth_anomaly"
+MODELS = {"auth": ROOT / "models" / "auth_anomaly", "flow": ROOT / "models" / "flow_classifier"}
 
 
 def _strip(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k not in ("scored_at", "source")}
 
 
-def test_worker_scores_auth_events_like_offline_scoring(bootstrap, new_topic, tmp_path):
-    topic = new_topic(partitions=2, prefix="auth")
-    n = produce_telemetry(bootstrap, topic, kind="auth", count=3000, seed=2026, bad_fraction=0.02)
+@pytest.mark.parametrize("kind", ["auth", "flow"])
+def test_worker_scores_events_like_offline_scoring(bootstrap, new_topic, tmp_path, kind):
+    model = MODELS[kind]
+    topic = new_topic(partitions=2, prefix=kind)
+    n = produce_telemetry(bootstrap, topic, kind=kind, count=3000, seed=2026, bad_fraction=0.02)
     assert n == 3000
-    env = worker_env(bootstrap, topic, replica="auth-1", group=f"{topic}-g", SLUICE_MODEL__PATH=str(AUTH))
+    env = worker_env(bootstrap, topic, replica=f"{kind}-1", group=f"{topic}-g", SLUICE_MODEL__PATH=str(model))
     w = WorkerProc(env, tmp_path / "worker.log").start()
     try:
         w.wait_started()
@@ -32,14 +35,14 @@ def test_worker_scores_auth_events_like_offline_scoring(bootstrap, new_topic, tm
         assert w.terminate() == 0, w.log()[-3000:]
     assert_exactly_once(out, topic, ends)
     streamed = {orjson.loads(m.value())["event_id"]: orjson.loads(m.value()) for m in out.scores}
-    assert {r["model"]["name"] for r in streamed.values()} == {"auth_anomaly"}
+    assert {r["model"]["name"] for r in streamed.values()} == {model.name}
 
     # the same input records, as JSON lines, through `sluice score`: byte-identical records
     # apart from scored_at and source
     inputs = read_all(bootstrap, topic, min_count=sum(ends.values()))
-    path = tmp_path / "auth.jsonl"
+    path = tmp_path / f"{kind}.jsonl"
     path.write_bytes(b"\n".join((m.value() or b"").replace(b"\n", b" ") for m in inputs) + b"\n")
-    proc = subprocess.run([sys.executable, "-m", "workers", "score", "--model", str(AUTH), "--input", str(path),
+    proc = subprocess.run([sys.executable, "-m", "workers", "score", "--model", str(model), "--input", str(path),
                            "--dead-letters", str(tmp_path / "dl.jsonl")], capture_output=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     offline = {r["event_id"]: r for r in map(orjson.loads, proc.stdout.splitlines())}
