@@ -132,7 +132,11 @@ class TxnCoordinator:
         if t.state == ONGOING:
             # fence the current producer: abort its transaction with a bumped epoch
             self._fence_and_abort(t)
-        t.last_epoch = t.epoch
+        # Kafka (TransactionMetadata.prepareIncrementProducerEpoch): a bump requested by the
+        # current producer (its pid/epoch given) remembers the previous epoch so a lost answer
+        # can be retried; a new producer instance (no pid given) clears it, so no older
+        # instance can ever claim the new epoch through that retry path.
+        t.last_epoch = req_epoch if req_pid >= 0 else -1
         if t.epoch >= MAX_EPOCH - 1:
             del self.by_pid[t.pid]
             t.pid = b.allocate_pid()
@@ -234,7 +238,9 @@ class TxnCoordinator:
         self._save(t)
 
     def _fence_and_abort(self, t: Txn) -> None:
-        t.last_epoch = t.epoch
+        # Kafka's prepareFenceProducerEpoch: the fenced epoch is not a valid "last epoch"
+        # (the producer whose transaction timed out gets PRODUCER_FENCED, not its epoch back)
+        t.last_epoch = -1
         t.epoch += 1
         t.state = PREPARE_ABORT
         self._save(t)

@@ -349,3 +349,26 @@ def test_txn_offset_commit_checks_group_generation_and_member(raw, new_topic):
     # a stale epoch after a re-init is fenced
     raw.init_pid(tid)
     assert commit(r.generation_id, r.member_id) == ErrorCode.producer_fenced
+
+
+def test_init_producer_id_retry_path_does_not_unfence_an_older_instance(raw, new_topic):
+    """Kafka clears lastProducerEpoch when a new instance (no pid given) or a timeout bumps the
+    epoch: an older instance asking for a KIP-360 bump with its old epoch is PRODUCER_FENCED,
+    it must not be handed the new instance's epoch."""
+    tid = f"tx-{new_topic()}"
+
+    def init(pid: int, epoch: int):
+        return raw.call("init_producer_id", 4, transactional_id=tid,
+                        transaction_timeout=timedelta(milliseconds=60000),
+                        producer_id=pid, producer_epoch=epoch)
+
+    first = init(-1, -1)
+    second = init(-1, -1)  # a new instance fences the first
+    assert second.error_code == ErrorCode.none and second.producer_epoch == first.producer_epoch + 1
+    zombie = init(first.producer_id, first.producer_epoch)
+    assert zombie.error_code == ErrorCode.producer_fenced, zombie
+    # the current instance may bump its own epoch, and retry that bump (lost answer)
+    bumped = init(second.producer_id, second.producer_epoch)
+    assert bumped.error_code == ErrorCode.none and bumped.producer_epoch == second.producer_epoch + 1
+    retry = init(second.producer_id, second.producer_epoch)
+    assert retry.error_code == ErrorCode.none and retry.producer_epoch == bumped.producer_epoch
