@@ -119,6 +119,8 @@ async def fetch(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
     max_wait = req.max_wait.total_seconds()
     deadline = time.monotonic() + max_wait
     pd_cls = s.resp.PartitionData
+    # partitions answered with an error carry empty records, as Kafka's MemoryRecords.EMPTY:
+    # librdkafka rejects a null record set ("invalid MessageSetSize -1") and never sees the error
     ab_cls = s.resp.AbortedTransaction
     topic_cls = s.resp.FetchableTopicResponse
     while True:
@@ -134,7 +136,7 @@ async def fetch(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                     parts.append(build(pd_cls, partition_index=fp.partition,
                                        error_code=E.unknown_topic_or_partition, high_watermark=-1,
                                        last_stable_offset=-1, log_start_offset=-1,
-                                       aborted_transactions=None, records=None))
+                                       aborted_transactions=None, records=b""))
                     continue
                 logs.append(log)
                 off = fp.fetch_offset
@@ -144,7 +146,7 @@ async def fetch(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                     parts.append(build(pd_cls, partition_index=fp.partition,
                                        error_code=E.offset_out_of_range, high_watermark=hw,
                                        last_stable_offset=lso, log_start_offset=log.log_start,
-                                       aborted_transactions=None, records=None))
+                                       aborted_transactions=None, records=b""))
                     continue
                 upper = lso if committed else hw
                 limit = min(fp.partition_max_bytes, max_bytes - total)

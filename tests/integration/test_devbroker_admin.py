@@ -44,3 +44,27 @@ def test_list_offsets_earliest_latest_and_by_timestamp(bootstrap, new_topic):
     found = c.offsets_for_times([TopicPartition(t, 0, base + 60_000)], 10)
     assert found[0].offset == -1
     c.close()
+
+
+@pytest.mark.parametrize("reset", ["earliest", "error"])
+def test_out_of_range_fetch_is_reset_by_auto_offset_reset(bootstrap, new_topic, reset):
+    """An OFFSET_OUT_OF_RANGE fetch answer must be parseable (empty, not null, records) so
+    librdkafka applies auto.offset.reset: earliest rewinds to 0, error reports it."""
+    t = new_topic()
+    p = Producer({"bootstrap.servers": bootstrap})
+    for i in range(3):
+        p.produce(t, b"v%d" % i)
+    assert p.flush(10) == 0
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"oor-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": reset, "enable.auto.commit": False})
+    c.assign([TopicPartition(t, 0, 100)])
+    got = None
+    deadline = time.monotonic() + 10
+    while got is None and time.monotonic() < deadline:
+        got = c.poll(0.2)
+    c.close()
+    assert got is not None, "no record and no error after an out-of-range fetch"
+    if reset == "earliest":
+        assert got.error() is None and got.offset() == 0 and got.value() == b"v0"
+    else:
+        assert got.error() is not None and got.error().code() == KafkaError._AUTO_OFFSET_RESET
