@@ -75,6 +75,7 @@ class Broker:
                 topics[r["name"]] = r
             elif k == "deltopic":
                 topics.pop(r["name"], None)
+                self.groups.drop_topic(r["name"])
             elif k == "pids":
                 self.next_pid = self.pid_limit = max(self.pid_limit, r["next"])
             elif k == "offsets":
@@ -141,6 +142,9 @@ class Broker:
         if t is None:
             return "unknown_topic_or_partition"
         self.journal.append({"k": "deltopic", "name": name})
+        # Kafka drops the committed offsets of deleted partitions (onPartitionsDeleted), so a
+        # topic re-created under the same name starts with no committed offsets
+        self.groups.drop_topic(name)
         for log in t.partitions:
             log.close()
             log._wake()

@@ -110,6 +110,13 @@ class GroupCoordinator:
         self.broker.journal.append({"k": "offsets", "group": group, "o": self.dump_offsets(offs)})
         self.offsets.setdefault(group, {}).update(offs)
 
+    def drop_topic(self, topic: str) -> None:
+        for group, offs in list(self.offsets.items()):
+            for tp in [tp for tp in offs if tp[0] == topic]:
+                del offs[tp]
+            if not offs:
+                del self.offsets[group]
+
     def validate_member(self, group_id: str, generation: int, member_id: str,
                         instance_id: str | None, for_commit: bool) -> str:
         """Error code name for an offset commit (plain or transactional, KIP-447)."""

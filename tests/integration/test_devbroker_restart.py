@@ -145,3 +145,32 @@ def test_cli_contract(tmp_path):
     assert [len(t.partitions) for t in md.topics.values()] == [3]  # auto-created with --partitions
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
+
+
+def test_deleted_topic_recreated_has_no_old_records_or_committed_offsets(fresh_broker):
+    """Kafka drops a deleted topic's committed offsets with its partitions: a group must not
+    resume a re-created topic of the same name at the old offsets, neither before nor after
+    a restart (journal replay)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    b = fresh_broker
+    topic, group = "recreated", "recreated-group"
+    a = AdminClient({"bootstrap.servers": b.bootstrap})
+    for f in a.create_topics([NewTopic(topic, 1, 1)]).values():
+        f.result()
+    p = Producer({"bootstrap.servers": b.bootstrap})
+    for i in range(5):
+        p.produce(topic, b"old%d" % i)
+    assert p.flush(10) == 0
+    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group, "enable.auto.commit": False})
+    c.commit(offsets=[TopicPartition(topic, 0, 4)], asynchronous=False)
+    c.close()
+    assert _committed(b.bootstrap, group, topic) == 4
+    for f in a.delete_topics([topic]).values():
+        f.result()
+    for f in a.create_topics([NewTopic(topic, 1, 1)]).values():
+        f.result()
+    assert _committed(b.bootstrap, group, topic) < 0
+    b.restart(kill=True)
+    assert _committed(b.bootstrap, group, topic) < 0
+    assert read_values(b.bootstrap, topic, "read_uncommitted", 0, idle=0.3, timeout=2) == []
