@@ -289,8 +289,9 @@ class Pipeline:
             err = m.error()
             if err is None:
                 good.append(m)
-            elif err.fatal():
-                # e.g. FENCED_INSTANCE_ID: another process runs with this replica id.
+            elif err.fatal() or err.code() == KafkaError._FATAL:
+                # e.g. FENCED_INSTANCE_ID: another process runs with this replica id. librdkafka
+                # delivers it as an error event whose code is _FATAL but whose fatal() is False.
                 raise StopWorker(EXIT_FENCED, f"fatal consumer error: {err.str()}")
             else:
                 log.warning("consumer error", extra={"error": err.str(), "code": err.name()})

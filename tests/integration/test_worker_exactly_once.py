@@ -134,8 +134,12 @@ def test_restart_with_same_replica_id_fences_the_zombie(bootstrap, new_topic, tm
     wait_until(lambda: '"partitions assigned"' in zombie.log(), timeout=60, what="assignment")
     time.sleep(1.0)
     successor = WorkerProc(env, tmp_path / "successor.log").start()
-    wait_until(lambda: not zombie.alive(), timeout=60, what="the zombie to be fenced and exit")
-    assert zombie.proc.returncode != 0
+    try:
+        wait_until(lambda: not zombie.alive(), timeout=60, what="the zombie to be fenced and exit")
+    except AssertionError:
+        raise AssertionError("zombie still alive; its log:\n" + zombie.log()[-4000:]
+                             + "\nsuccessor log:\n" + successor.log()[-3000:]) from None
+    assert zombie.proc.returncode == 3, f"a fenced replica exits 3, got {zombie.proc.returncode}"
     feeder.join(60)
     ends = partition_ends(bootstrap, topic, 2)
     wait_until(lambda: sum(committed_offsets(bootstrap, f"g-{topic}", topic, 2).values()) == total,
