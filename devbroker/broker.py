@@ -69,6 +69,7 @@ class Broker:
     def _load(self) -> None:
         topics: dict[str, dict[str, Any]] = {}
         txn_records: dict[str, dict[str, Any]] = {}
+        group_records: dict[str, dict[str, Any]] = {}
         for r in self.journal.replay():
             k = r.get("k")
             if k == "topic":
@@ -82,6 +83,9 @@ class Broker:
                 self.groups.load_offsets(r["group"], r["o"])
             elif k == "delgroup":
                 self.groups.offsets.pop(r["group"], None)
+                group_records.pop(r["group"], None)
+            elif k == "group":
+                group_records[r["id"]] = r
             elif k == "txn":
                 txn_records[r["id"]] = r
         for name, r in topics.items():
@@ -92,6 +96,8 @@ class Broker:
             if d not in known:
                 shutil.rmtree(os.path.join(self.logs_dir, d), ignore_errors=True)
         self.txns.load(txn_records.values())
+        for r in group_records.values():
+            self.groups.load_group(r)
         self._compact()
         self.txns.recover()
 
@@ -102,6 +108,7 @@ class Broker:
         for g, offs in self.groups.offsets.items():
             recs.append({"k": "offsets", "group": g, "o": self.groups.dump_offsets(offs)})
         recs.extend(self.txns.dump())
+        recs.extend(self.groups.dump_groups())
         self.journal.rewrite(recs)
 
     @staticmethod

@@ -6,6 +6,7 @@ timeouts, and committed offsets."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,42 @@ class GroupCoordinator:
     @staticmethod
     def dump_offsets(offs: dict) -> list:
         return [[t, p, o, m, le] for (t, p), (o, m, le) in offs.items()]
+
+    # ---- group metadata persistence (Kafka keeps it in __consumer_offsets) ------------------
+    # Written when a generation's assignment is complete (Stable), when the group empties and
+    # when a static member's id is replaced; loaded as a Stable group whose members' sessions
+    # restart at load time, so a broker restart causes no rebalance, and generations go on.
+    @staticmethod
+    def group_record(g: Group) -> dict[str, Any]:
+        enc = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        return {"k": "group", "id": g.group_id, "gen": g.generation, "pt": g.protocol_type,
+                "proto": g.protocol, "leader": g.leader,
+                "members": [[m.member_id, m.instance_id, m.client_id, m.client_host, m.session_timeout,
+                             m.rebalance_timeout, m.protocol_type,
+                             [[n, enc(meta)] for n, meta in m.protocols], enc(m.assignment)]
+                            for m in g.members.values()]}
+
+    def load_group(self, r: dict[str, Any]) -> None:
+        g = Group(r["id"])
+        g.generation = r["gen"]
+        for mid, iid, cid, host, session, rebalance, pt, protos, assignment in r["members"]:
+            m = Member(mid, iid, cid, host, session, rebalance, pt,
+                       [(n, base64.b64decode(meta)) for n, meta in protos])
+            m.assignment = base64.b64decode(assignment)
+            g.members[mid] = m
+            if iid:
+                g.static[iid] = mid
+        if g.members:
+            g.state = STABLE
+            g.protocol_type, g.protocol, g.leader = r["pt"], r["proto"], r["leader"]
+        self.groups[g.group_id] = g
+
+    def dump_groups(self) -> list[dict[str, Any]]:
+        return [self.group_record(g) for g in self.groups.values()
+                if g.state in (STABLE, EMPTY) and (g.members or g.generation > 0)]
+
+    def _persist(self, g: Group) -> None:
+        self.broker.journal.append(self.group_record(g))
 
     def store_offsets(self, group: str, offs: dict[tuple[str, int], tuple[int, str | None, int]]) -> None:
         if not offs:
@@ -238,6 +275,7 @@ class GroupCoordinator:
             # KIP-345: no rebalance; the member gets its old assignment in SyncGroup.
             # The old leader id is returned so the new member does not run an assignment.
             m.protocols = protocols
+            self._persist(g)
             return JoinResult("none", g.generation, g.protocol_type, g.protocol, old_leader or "",
                               new_id, [])
         m.protocols = protocols
@@ -310,6 +348,7 @@ class GroupCoordinator:
             g.protocol = None
             g.protocol_type = None
             g.leader = None
+            self._persist(g)
             return
         g.protocol = self._select_protocol(g)
         if g.leader not in g.members:
@@ -394,6 +433,7 @@ class GroupCoordinator:
                 f, x.sync_fut = x.sync_fut, None
                 if f is not None and not f.done():
                     f.set_result(("none", x.assignment))
+            self._persist(g)
         code, assignment = await fut
         return code, assignment, g
 
@@ -467,8 +507,8 @@ class GroupCoordinator:
             return "non_empty_group"
         if g is None and group_id not in self.offsets:
             return "group_id_not_found"
-        self.groups.pop(group_id, None)
-        if self.offsets.pop(group_id, None) is not None:
+        had_group = self.groups.pop(group_id, None) is not None
+        if (self.offsets.pop(group_id, None) is not None) | had_group:
             self.broker.journal.append({"k": "delgroup", "group": group_id})
         return "none"
 

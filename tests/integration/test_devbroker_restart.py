@@ -174,3 +174,43 @@ def test_deleted_topic_recreated_has_no_old_records_or_committed_offsets(fresh_b
     b.restart(kill=True)
     assert _committed(b.bootstrap, group, topic) < 0
     assert read_values(b.bootstrap, topic, "read_uncommitted", 0, idle=0.3, timeout=2) == []
+
+
+def test_group_membership_survives_restart_without_rebalance(fresh_broker):
+    """Kafka keeps group metadata (generation, members, assignment) in __consumer_offsets:
+    a consumer keeps its member id and assignment across a broker SIGKILL + restart (no
+    revoke/assign) and its commits with the pre-restart generation are accepted."""
+    b = fresh_broker
+    topic, group = "member-restart", "member-restart-group"
+    p = Producer({"bootstrap.servers": b.bootstrap})
+    for i in range(4):
+        p.produce(topic, b"m%d" % i)
+    assert p.flush(10) == 0
+    events: list[str] = []
+    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group, "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
+                  "heartbeat.interval.ms": 200})
+    c.subscribe([topic], on_assign=lambda *_: events.append("assign"),
+                on_revoke=lambda *_: events.append("revoke"), on_lost=lambda *_: events.append("lost"))
+    got = []
+    deadline = time.monotonic() + 15
+    while len(got) < 2 and time.monotonic() < deadline:
+        m = c.poll(0.2)
+        if m is not None and not m.error():
+            got.append(m)
+    assert len(got) == 2 and events == ["assign"]
+    c.commit(got[-1], asynchronous=False)
+    b.restart(kill=True)
+    deadline = time.monotonic() + 15
+    while len(got) < 4 and time.monotonic() < deadline:
+        m = c.poll(0.2)
+        if m is not None and not m.error():
+            got.append(m)
+    assert [m.value() for m in got] == [b"m0", b"m1", b"m2", b"m3"]
+    c.commit(got[-1], asynchronous=False)  # raises on UNKNOWN_MEMBER_ID / ILLEGAL_GENERATION
+    end = time.monotonic() + 1.5  # a few heartbeats after the restart
+    while time.monotonic() < end:
+        c.poll(0.1)
+    assert events == ["assign"], events
+    c.close()
+    assert _committed(b.bootstrap, group, topic) == 4
