@@ -156,24 +156,27 @@ class GroupCoordinator:
 
     def validate_member(self, group_id: str, generation: int, member_id: str,
                         instance_id: str | None, for_commit: bool) -> str:
-        """Error code name for an offset commit (plain or transactional, KIP-447)."""
+        """Error code name for an offset commit (plain, or transactional with KIP-447 member
+        information), in the order of Kafka's GroupCoordinator.validateOffsetCommit."""
         g = self.groups.get(group_id)
-        if for_commit:
-            if generation < 0 and not member_id and (g is None or g.state == EMPTY):
-                return "none"
-        else:  # TxnOffsetCommit: only validated when it carries member information
-            if generation < 0 and not member_id:
-                return "none"
+        with_member = generation >= 0 or bool(member_id) or bool(instance_id)
         if g is None:
-            return "illegal_generation" if generation >= 0 and not member_id else "unknown_member_id"
-        if instance_id and instance_id in g.static and g.static[instance_id] != member_id:
-            return "fenced_instance_id"
-        if member_id and member_id not in g.members:
-            return "unknown_member_id"
-        if not member_id and for_commit:
-            return "unknown_member_id"
-        if generation >= 0 and generation != g.generation:
-            return "illegal_generation"
+            if not for_commit and with_member:
+                return "unknown_member_id"  # Kafka creates the empty group, then finds no member
+            return "illegal_generation" if for_commit and generation >= 0 else "none"
+        if with_member:
+            if instance_id:
+                cur = g.static.get(instance_id)
+                if cur is None:
+                    return "unknown_member_id"
+                if cur != member_id:
+                    return "fenced_instance_id"
+            if member_id not in g.members:
+                return "unknown_member_id"
+            if generation != g.generation:
+                return "illegal_generation"
+        elif for_commit and g.state != EMPTY:
+            return "unknown_member_id"  # no generation: only an empty group takes such commits
         if for_commit and g.state == COMPLETING:
             return "rebalance_in_progress"
         if member_id in g.members:

@@ -372,3 +372,34 @@ def test_init_producer_id_retry_path_does_not_unfence_an_older_instance(raw, new
     assert bumped.error_code == ErrorCode.none and bumped.producer_epoch == second.producer_epoch + 1
     retry = init(second.producer_id, second.producer_epoch)
     assert retry.error_code == ErrorCode.none and retry.producer_epoch == bumped.producer_epoch
+
+
+def test_offset_commit_validation_follows_kafka_order(raw, new_topic):
+    """GroupCoordinator.validateOffsetCommit: a commit naming a member but no generation is
+    ILLEGAL_GENERATION, a generation for a group the coordinator does not know is
+    ILLEGAL_GENERATION, and a simple (no member) commit to an empty group is accepted."""
+    t = new_topic()
+    m = raw.mod("offset_commit", 8, "request")
+
+    def commit(group, gen, member):
+        resp = raw.call("offset_commit", 8, group_id=group, generation_id_or_member_epoch=gen,
+                        member_id=member, group_instance_id=None,
+                        topics=(m.OffsetCommitRequestTopic(name=t, partitions=(
+                            m.OffsetCommitRequestPartition(partition_index=0, committed_offset=1,
+                                                           committed_leader_epoch=-1,
+                                                           committed_metadata=""),)),))
+        return resp.topics[0].partitions[0].error_code
+
+    assert commit(f"g-raw-none-{time.time_ns()}", 3, "ghost") == ErrorCode.illegal_generation
+    assert commit(f"g-raw-simple-{time.time_ns()}", -1, "") == ErrorCode.none
+    group = f"g-raw-commit-{time.time_ns()}"
+    r = _join_static(raw, group, None)
+    r = _join_static(raw, group, None, r.member_id)
+    assert r.error_code == ErrorCode.none
+    assert commit(group, r.generation_id, r.member_id) == ErrorCode.rebalance_in_progress  # awaiting sync
+    raw.call("sync_group", 3, group_id=group, generation_id=r.generation_id, member_id=r.member_id,
+             group_instance_id=None, assignments=())
+    assert commit(group, -1, r.member_id) == ErrorCode.illegal_generation
+    assert commit(group, -1, "") == ErrorCode.unknown_member_id  # not empty: members only
+    assert commit(group, r.generation_id - 1, r.member_id) == ErrorCode.illegal_generation
+    assert commit(group, r.generation_id, r.member_id) == ErrorCode.none
