@@ -337,7 +337,14 @@ class Pipeline:
                 block_s = 0.0
             batch = inflight.popleft()
             self.pool.collected()
-            self._emit(batch, fut.result())
+            try:
+                self._emit(batch, fut.result())
+            except AbortableError as exc:
+                # The transaction cannot go on (librdkafka refused a record): abort it and redo
+                # everything since the last commit, this batch included.
+                log.warning("produce failed; aborting and rewinding", extra={"error": str(exc)})
+                self._abort_and_rewind("produce_failed")
+                return
         self.metrics.inflight_batches.set(len(inflight))
 
     def _emit(self, batch: Batch, result: InferenceResult) -> None:
@@ -392,7 +399,7 @@ class Pipeline:
             for i, value in zip(pos, values):
                 try:
                     produce(scores_topic, value, msgs[i].key())
-                except BufferError:
+                except (BufferError, KafkaException):  # queue full, fenced, failed transaction
                     producer.produce(scores_topic, value, msgs[i].key())
             now_ms = time.time() * 1000.0
             ts = np.fromiter((msgs[i].timestamp()[1] for i in pos), dtype=np.float64, count=n)
@@ -425,6 +432,7 @@ class Pipeline:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending_offsets.items()]
         start = time.perf_counter()
         try:
+            # (a FatalProducerError, e.g. fenced, propagates: the process exits 3)
             if self.drift is not None:
                 # The delta rides in the transaction that commits the offsets of the events it
                 # counts: every scored event is counted exactly once, across crashes too.

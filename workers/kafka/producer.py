@@ -39,6 +39,14 @@ class RetriableError(RuntimeError):
     """The operation may be retried as is."""
 
 
+def as_producer_error(exc: KafkaException, during: str) -> Exception:
+    """The worker's error for a librdkafka error raised by a producer call."""
+    kind = classify(exc)
+    if kind is FatalProducerError:
+        return FatalProducerError(f"{during} failed fatally: {exc.args[0].str()}")
+    return AbortableError(f"{during} failed: {exc.args[0].str()}")
+
+
 def classify(exc: KafkaException) -> type[Exception]:
     err: KafkaError = exc.args[0]
     if err.fatal():
@@ -66,16 +74,24 @@ class TransactionalProducer:
 
     def begin(self) -> None:
         if not self.in_transaction:
-            self._producer.begin_transaction()
+            try:
+                self._producer.begin_transaction()
+            except KafkaException as exc:
+                raise as_producer_error(exc, "begin_transaction") from exc
             self.in_transaction = True
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None, headers: Any = None) -> None:
-        """Produce one record; on a full local queue serve it and retry, never drop."""
+        """Produce one record; on a full local queue serve it and retry, never drop.
+
+        Raises FatalProducerError (e.g. fenced) or AbortableError (the transaction failed).
+        """
         try:
             self.produce_call(topic, value, key, headers=headers)
             return
         except BufferError:
             pass
+        except KafkaException as exc:
+            raise as_producer_error(exc, "produce") from exc
         deadline = time.monotonic() + QUEUE_FULL_TIMEOUT_S
         while True:
             self._producer.poll(0.05)
@@ -85,6 +101,8 @@ class TransactionalProducer:
             except BufferError:
                 if time.monotonic() > deadline:
                     raise AbortableError("producer queue stayed full; aborting the transaction") from None
+            except KafkaException as exc:
+                raise as_producer_error(exc, "produce") from exc
 
     def poll(self, timeout: float = 0.0) -> None:
         self._producer.poll(timeout)
@@ -114,12 +132,9 @@ class TransactionalProducer:
                 self.in_transaction = False
                 return
             except KafkaException as exc:
-                kind = classify(exc)
-                if kind is RetriableError and time.monotonic() < deadline:
+                if classify(exc) is RetriableError and time.monotonic() < deadline:
                     continue
-                if kind is FatalProducerError:
-                    raise FatalProducerError(f"commit failed fatally: {exc.args[0].str()}") from exc
-                raise AbortableError(f"commit failed: {exc.args[0].str()}") from exc
+                raise as_producer_error(exc, "commit") from exc
 
     def abort(self, timeout: float = COMMIT_TIMEOUT_S) -> None:
         if not self.in_transaction:
@@ -143,7 +158,10 @@ class TransactionalProducer:
     def close(self) -> None:
         """Release the client. An open transaction is left to the broker's timeout / the next init."""
         if self._producer is not None:
-            self._producer.flush(0)
+            try:
+                self._producer.flush(0)
+            except KafkaException:  # fenced or failed: nothing more to deliver, just let go
+                pass
             # Dropping the last reference destroys the librdkafka handle and its threads now,
             # not whenever the garbage collector runs (possibly after the broker is gone).
             self._producer = None
