@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="group.min.session.timeout.ms (default 100)")
     p.add_argument("--max-transaction-timeout-ms", type=int, default=900_000,
                    help="transaction.max.timeout.ms (default 900000)")
+    p.add_argument("--message-max-bytes", type=int, default=1_048_588,
+                   help="message.max.bytes: the largest record batch a topic without its own "
+                        "max.message.bytes accepts (default 1048588, as Kafka)")
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args(argv)
 
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                  default_partitions=args.partitions, auto_create_topics=not args.no_auto_create_topics,
                  initial_rebalance_delay_ms=args.initial_rebalance_delay_ms,
                  min_session_timeout_ms=args.min_session_timeout_ms,
-                 max_transaction_timeout_ms=args.max_transaction_timeout_ms)
+                 max_transaction_timeout_ms=args.max_transaction_timeout_ms,
+                 message_max_bytes=args.message_max_bytes)
     try:
         import uvloop  # type: ignore[import-not-found]
 

@@ -94,7 +94,8 @@ async def produce(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                 try:
                     base = log.append(pd.records or b"",
                                       lambda pid, ep, _t=td.name, _p=pd.index:
-                                      txns.check_produce(pid, ep, _t, _p))
+                                      txns.check_produce(pid, ep, _t, _p),
+                                      t.max_message_bytes)
                 except ProduceError as e:
                     code = getattr(E, e.code)
                     msg = e.message
@@ -292,6 +293,8 @@ async def describe_configs(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
             else:
                 for k, (v, typ) in TOPIC_DEFAULTS.items():
                     entries[k] = (v, typ, 5)
+                if b.config.message_max_bytes != 1_048_588:  # inherited from the broker setting
+                    entries["max.message.bytes"] = (str(b.config.message_max_bytes), 3, 4)
                 for k, v in t.configs.items():
                     entries[k] = (v, TOPIC_DEFAULTS.get(k, ("", 2))[1], 1)
         elif r.resource_type == 4:  # broker
@@ -300,6 +303,8 @@ async def describe_configs(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
             vals["num.partitions"] = (str(cfg.default_partitions), 3)
             vals["group.initial.rebalance.delay.ms"] = (str(cfg.initial_rebalance_delay_ms), 3)
             vals["group.min.session.timeout.ms"] = (str(cfg.min_session_timeout_ms), 3)
+            vals["message.max.bytes"] = (str(cfg.message_max_bytes), 3)
+            vals["transaction.max.timeout.ms"] = (str(cfg.max_transaction_timeout_ms), 3)
             for k, (v, typ) in vals.items():
                 entries[k] = (v, typ, 5)
         else:

@@ -30,6 +30,7 @@ class Config:
     min_session_timeout_ms: int = 100
     max_session_timeout_ms: int = 3_600_000
     max_transaction_timeout_ms: int = 900_000
+    message_max_bytes: int = 1_048_588  # Kafka's message.max.bytes default (per record batch)
     timer_interval_ms: int = 50
 
 
@@ -39,6 +40,7 @@ class Topic:
     id: uuid.UUID
     partitions: list[PartitionLog]
     configs: dict[str, str] = field(default_factory=dict)
+    max_message_bytes: int = 0  # max.message.bytes: the topic's, else the broker's message.max.bytes
 
 
 def now_ms() -> int:
@@ -124,6 +126,10 @@ class Broker:
         logs = [PartitionLog(os.path.join(self.logs_dir, self._dirname(name, p)), name, p)
                 for p in range(partitions)]
         t = self.topics[name] = Topic(name, tid, logs, dict(configs))
+        try:
+            t.max_message_bytes = int(configs.get("max.message.bytes", self.config.message_max_bytes))
+        except ValueError:
+            t.max_message_bytes = self.config.message_max_bytes
         return t
 
     # ---- topics -----------------------------------------------------------------------------

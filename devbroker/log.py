@@ -132,10 +132,12 @@ class PartitionLog:
             self.waiters.clear()
 
     # ---- writes ------------------------------------------------------------------------------
-    def append(self, data, txn_check=None) -> int:
+    def append(self, data, txn_check=None, max_batch_bytes: int = 0) -> int:
         """Append the batches in `data`, returning the base offset assigned.
 
-        Idempotent duplicates return the original base offset without appending.
+        A batch larger than `max_batch_bytes` (when > 0: the topic's max.message.bytes) is
+        MESSAGE_TOO_LARGE, as Kafka checks it. Idempotent duplicates return the original
+        base offset without appending.
         `txn_check(pid, epoch)` is called for transactional batches and may raise ProduceError."""
         try:
             batches = split_batches(data)
@@ -147,6 +149,11 @@ class PartitionLog:
         next_offset = self.hw
         first_base = -1
         staged = []
+        if max_batch_bytes > 0:
+            for b in batches:
+                if b[1] > max_batch_bytes:
+                    raise ProduceError("message_too_large",
+                                       f"batch of {b[1]} bytes exceeds max.message.bytes {max_batch_bytes}")
         for b in batches:
             pos, size, _, _, _, _, _, attrs, last_delta, _, _, pid, epoch, base_seq, _ = b
             if attrs & ATTR_CONTROL:

@@ -68,3 +68,23 @@ def test_out_of_range_fetch_is_reset_by_auto_offset_reset(bootstrap, new_topic, 
         assert got.error() is None and got.offset() == 0 and got.value() == b"v0"
     else:
         assert got.error() is not None and got.error().code() == KafkaError._AUTO_OFFSET_RESET
+
+
+def test_batches_above_max_message_bytes_are_rejected_unless_the_topic_allows_them(bootstrap):
+    """Kafka rejects a record batch larger than the topic's max.message.bytes (default: the
+    broker's message.max.bytes, 1048588) with MESSAGE_TOO_LARGE, whatever the producer's own
+    message.max.bytes; a topic created with a larger max.message.bytes takes it."""
+    a = AdminClient({"bootstrap.servers": bootstrap})
+    small, large = f"mmb-default-{uuid.uuid4().hex[:8]}", f"mmb-raised-{uuid.uuid4().hex[:8]}"
+    fs = a.create_topics([NewTopic(small, 1, 1),
+                          NewTopic(large, 1, 1, config={"max.message.bytes": str(4 * 1024 * 1024)})])
+    for f in fs.values():
+        f.result()
+    p = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 8 * 1024 * 1024,
+                  "compression.type": "none"})
+    results: dict[str, object] = {}
+    for t in (small, large):
+        p.produce(t, b"x" * (2 * 1024 * 1024),
+                  on_delivery=lambda e, m, t=t: results.__setitem__(t, e.code() if e else m.offset()))
+    p.flush(20)
+    assert results == {small: KafkaError.MSG_SIZE_TOO_LARGE, large: 0}
