@@ -130,8 +130,12 @@ class TxnCoordinator:
         if t.state in (PREPARE_COMMIT, PREPARE_ABORT):
             raise TxnError("concurrent_transactions")
         if t.state == ONGOING:
-            # fence the current producer: abort its transaction with a bumped epoch
+            # Kafka (prepareInitProducerIdTransit): fence the current producer by aborting its
+            # transaction with a bumped epoch, and answer CONCURRENT_TRANSACTIONS; the retry
+            # bumps again (a new instance) or is PRODUCER_FENCED (a pid/epoch that the fence
+            # made stale, since the fence leaves no last epoch).
             self._fence_and_abort(t)
+            raise TxnError("concurrent_transactions")
         # Kafka (TransactionMetadata.prepareIncrementProducerEpoch): a bump requested by the
         # current producer (its pid/epoch given) remembers the previous epoch so a lost answer
         # can be retried; a new producer instance (no pid given) clears it, so no older

@@ -121,8 +121,13 @@ class RawClient:
         return resp.responses[0].partitions[0]
 
     def init_pid(self, txn_id: str | None = None, timeout_ms: int = 60000):
-        r = self.call("init_producer_id", 4, transactional_id=txn_id,
-                      transaction_timeout=timedelta(milliseconds=timeout_ms), producer_id=-1, producer_epoch=-1)
+        for _ in range(50):  # an open transaction is aborted first: retry, as clients do
+            r = self.call("init_producer_id", 4, transactional_id=txn_id,
+                          transaction_timeout=timedelta(milliseconds=timeout_ms), producer_id=-1,
+                          producer_epoch=-1)
+            if r.error_code != ErrorCode.concurrent_transactions:
+                break
+            time.sleep(0.02)
         assert r.error_code == ErrorCode.none, r
         return r.producer_id, r.producer_epoch
 
@@ -403,3 +408,31 @@ def test_offset_commit_validation_follows_kafka_order(raw, new_topic):
     assert commit(group, -1, "") == ErrorCode.unknown_member_id  # not empty: members only
     assert commit(group, r.generation_id - 1, r.member_id) == ErrorCode.illegal_generation
     assert commit(group, r.generation_id, r.member_id) == ErrorCode.none
+
+
+def test_init_producer_id_on_an_ongoing_transaction_aborts_it_then_asks_for_a_retry(raw, new_topic):
+    """Kafka fences an ongoing transaction's producer (abort with a bumped epoch) and answers
+    CONCURRENT_TRANSACTIONS; a new instance's retry gets the next epoch, while the fenced
+    instance's own KIP-360 bump with its stale epoch is PRODUCER_FENCED."""
+    t = new_topic()
+    tid = f"tx-ongoing-{t}"
+
+    def init(pid: int, epoch: int):
+        return raw.call("init_producer_id", 4, transactional_id=tid,
+                        transaction_timeout=timedelta(milliseconds=60000),
+                        producer_id=pid, producer_epoch=epoch)
+
+    first = init(-1, -1)
+    pid, epoch = first.producer_id, first.producer_epoch
+    m = raw.mod("add_partitions_to_txn", 3, "request")
+    r = raw.call("add_partitions_to_txn", 3, v3_and_below_transactional_id=tid,
+                 v3_and_below_producer_id=pid, v3_and_below_producer_epoch=epoch,
+                 v3_and_below_topics=(m.AddPartitionsToTxnTopic(name=t, partitions=(0,)),))
+    assert r.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code == ErrorCode.none
+    assert raw.produce(t, 0, make_batch(2, pid=pid, epoch=epoch, seq=0, txn=True), txn_id=tid)[0] == ErrorCode.none
+    bump = init(pid, epoch)  # the producer itself asks for a bump while its transaction is open
+    assert bump.error_code == ErrorCode.concurrent_transactions
+    assert raw.fetch(t, 0, 0, isolation=1).last_stable_offset == 3  # aborted: records + marker
+    assert init(pid, epoch).error_code == ErrorCode.producer_fenced
+    successor = init(-1, -1)
+    assert successor.error_code == ErrorCode.none and successor.producer_epoch == epoch + 2
