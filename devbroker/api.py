@@ -200,16 +200,10 @@ async def list_offsets(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                 off = log.log_start
             elif ts == -1:
                 off = log.lso if committed else log.hw
-            elif ts == -3:  # max timestamp (KIP-734): batch holding the largest timestamp
-                if log.bases:
-                    rts = log.max_ts[-1]
-                    off = log.offset_for_timestamp(rts)
-                else:
-                    off = -1
-            else:
-                off = log.offset_for_timestamp(ts)
-                if off >= 0:
-                    rts = ts
+            elif ts == -3:  # max timestamp (KIP-734): the first record holding the largest timestamp
+                off, rts = log.offset_for_timestamp(log.max_ts[-1]) if log.bases else (-1, -1)
+            else:  # the first record whose timestamp is >= ts, with that record's timestamp
+                off, rts = log.offset_for_timestamp(ts)
             parts.append(build(p_cls, partition_index=lp.partition_index, error_code=E.none,
                                timestamp=rts, offset=off, leader_epoch=0))
         out.append(build(t_cls, name=lt.name, partitions=tuple(parts)))

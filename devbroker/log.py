@@ -14,7 +14,7 @@ from crc32c import crc32c
 
 from .records import (ATTR_CONTROL, ATTR_TRANSACTIONAL, CONTROL_COMMIT, CRC_START, HEADER,
                       HEADER_SIZE, LOG_OVERHEAD, CorruptBatch, control_batch, control_type,
-                      split_batches)
+                      first_record_at_or_after, split_batches)
 
 _pack_offset = struct.Struct(">q").pack_into
 INT32_MAX = 0x7FFFFFFF
@@ -279,11 +279,22 @@ class PartitionLog:
                 out.append((pid, first))
         return out
 
-    def offset_for_timestamp(self, ts: int) -> int:
+    def offset_for_timestamp(self, ts: int) -> tuple[int, int]:
+        """(offset, timestamp) of the first record whose timestamp is >= `ts`, as Kafka's
+        ListOffsets answers; (-1, -1) when there is none. Records are decoded only in the one
+        batch found (uncompressed or gzip); for other codecs the batch's base offset is given
+        unless its first record already qualifies (then it is exact)."""
         i = bisect.bisect_left(self.max_ts, ts)
-        if i >= len(self.bases):
-            return -1
-        return max(self.bases[i], self.log_start)
+        n = len(self.bases)
+        while i < n:
+            start = self.positions[i]
+            end = self.positions[i + 1] if i + 1 < n else self.size
+            found = first_record_at_or_after(os.pread(self.fd, end - start, start), ts)
+            if found is not None:
+                delta, rts = found
+                return max(self.bases[i] + max(delta, 0), self.log_start), rts
+            i += 1  # running maximum reached by an earlier batch: look further
+        return -1, -1
 
     def close(self) -> None:
         try:

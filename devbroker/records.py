@@ -3,6 +3,7 @@ path) and control batches (transaction markers) written with struct + crc32c."""
 
 from __future__ import annotations
 
+import gzip
 import struct
 import time
 
@@ -92,3 +93,30 @@ def control_type(data, pos: int) -> int:
     if klen < 4:
         return -1
     return struct.unpack_from(">h", mv, p + 2)[0]
+
+
+def first_record_at_or_after(batch, ts: int) -> tuple[int, int] | None:
+    """(offset delta, timestamp) of the first record of `batch` (one whole batch, header
+    included) whose timestamp is >= `ts`, or None if no record has one; -1 offset delta when
+    the records cannot be read (a codec not available here: snappy, lz4, zstd)."""
+    h = HEADER.unpack_from(batch, 0)
+    attrs, base_ts, max_ts, count = h[5], h[7], h[8], h[12]
+    if attrs & 0x08:  # LogAppendTime: every record carries the batch's max timestamp
+        return (0, max_ts) if max_ts >= ts else None
+    body = memoryview(batch)[HEADER_SIZE:]
+    codec = attrs & 0x07
+    if codec == 1:
+        body = memoryview(gzip.decompress(body))
+    elif codec != 0:
+        return (0, base_ts) if base_ts >= ts else (-1, max_ts)
+    pos = 0
+    for _ in range(count):
+        length, pos = _varint(body, pos)
+        end = pos + length
+        p = pos + 1  # attributes
+        ts_delta, p = _varint(body, p)
+        off_delta, p = _varint(body, p)
+        if base_ts + ts_delta >= ts:
+            return off_delta, base_ts + ts_delta
+        pos = end
+    return None

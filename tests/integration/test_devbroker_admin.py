@@ -88,3 +88,31 @@ def test_batches_above_max_message_bytes_are_rejected_unless_the_topic_allows_th
                   on_delivery=lambda e, m, t=t: results.__setitem__(t, e.code() if e else m.offset()))
     p.flush(20)
     assert results == {small: KafkaError.MSG_SIZE_TOO_LARGE, large: 0}
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_list_offsets_by_timestamp_is_exact_inside_a_batch(bootstrap, new_topic, compression):
+    """Kafka answers ListOffsets(timestamp) with the first *record* whose timestamp is >= the
+    target and that record's timestamp, also when many records share one batch."""
+    from confluent_kafka.admin import OffsetSpec
+
+    t = new_topic()
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 200, "compression.type": compression})
+    base = int(time.time() * 1000) - 10_000
+    for i in range(10):
+        p.produce(t, b"record-%d-" % i * 20, timestamp=base + i * 10)
+    assert p.flush(10) == 0
+    a = AdminClient({"bootstrap.servers": bootstrap})
+
+    def lookup(spec):
+        r = a.list_offsets({TopicPartition(t, 0): spec})
+        x = list(r.values())[0].result()
+        return x.offset, x.timestamp
+
+    assert lookup(OffsetSpec.for_timestamp(base + 15)) == (2, base + 20)
+    assert lookup(OffsetSpec.for_timestamp(base + 50)) == (5, base + 50)
+    assert lookup(OffsetSpec.for_timestamp(base + 91)) == (-1, -1)
+    assert lookup(OffsetSpec.max_timestamp()) == (9, base + 90)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "lo-exact"})
+    assert c.offsets_for_times([TopicPartition(t, 0, base + 35)], 10)[0].offset == 4
+    c.close()
