@@ -61,7 +61,11 @@ def main() -> int:
 
         c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": "bench", "enable.auto.commit": False,
                       "fetch.max.bytes": 52_428_800, "max.partition.fetch.bytes": 10_485_760,
-                      "queued.max.messages.kbytes": 262_144})
+                      "queued.max.messages.kbytes": 262_144,
+                      # librdkafka pauses fetching for fetch.queue.backoff.ms (default 1 s) once its
+                      # local queue passes queued.min.messages: a client-side stall that made this
+                      # measurement bimodal (~0.2M vs ~1M records/s) without the broker's doing
+                      "fetch.queue.backoff.ms": 10})
         c.assign([TopicPartition(topic, i, 1 if i == 0 else 0) for i in range(args.partitions)])
         got = 0
         cpu0 = cpu_seconds(b.pid)
