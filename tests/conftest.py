@@ -130,12 +130,13 @@ def bootstrap(broker) -> str:
     return broker.bootstrap
 
 
-def create_topic(bootstrap: str, name: str, partitions: int = 1, timeout: float = 30.0) -> str:
+def create_topic(bootstrap: str, name: str, partitions: int = 1, timeout: float = 30.0,
+                 config: dict[str, str] | None = None) -> str:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)],
-                                  operation_timeout=timeout)
+    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
+                                            config=config or {})], operation_timeout=timeout)
     futures[name].result(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -149,8 +150,8 @@ def create_topic(bootstrap: str, name: str, partitions: int = 1, timeout: float 
 
 @pytest.fixture
 def new_topic(bootstrap):
-    def make(partitions: int = 1, prefix: str = "t") -> str:
-        return create_topic(bootstrap, f"{prefix}-{uuid.uuid4().hex[:10]}", partitions)
+    def make(partitions: int = 1, prefix: str = "t", config: dict[str, str] | None = None) -> str:
+        return create_topic(bootstrap, f"{prefix}-{uuid.uuid4().hex[:10]}", partitions, config=config)
 
     return make
 

@@ -56,7 +56,10 @@ def _hostile_corpus() -> list[tuple[str, bytes | None]]:
 
 
 def test_hostile_corpus_becomes_dead_letters_with_reasons(bootstrap, new_topic, tmp_path):
-    topic = new_topic(partitions=1, prefix="hostile")
+    # The operator raised the input topic's limit so multi-MB records reach the worker (Kafka's
+    # default max.message.bytes would refuse them at the producer); the DLQ stays at the default:
+    # the worker truncates oversized dead letters to [topics] dlq_max_value_bytes.
+    topic = new_topic(partitions=1, prefix="hostile", config={"max.message.bytes": str(10 * 1024 * 1024)})
     corpus = _hostile_corpus()
     valid = _valid_events(50, seed=5)
     p = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 10 * 1024 * 1024, "enable.idempotence": True})
