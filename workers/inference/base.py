@@ -8,6 +8,15 @@ GIL while they run.
 Backends register a factory under a name in ``BACKENDS``; ``create_backend``
 picks one. A backend whose runtime or device is missing raises
 ``BackendUnavailable`` with the install hint (never a silent CPU fallback).
+
+Batch invariance: an event's score must not depend on which other events share
+its batch, or the worker (batches cut by load) and ``sluice score`` (batches cut
+by file) would disagree in the last bits. Kernels pick different code paths for
+different row counts (measured: 291 of 6000 auth_anomaly scores differ between
+batch 1 and one batch of 6000). ``create_backend`` therefore wraps every backend
+in :class:`FixedChunks`, which always runs chunks of exactly
+:data:`INVARIANT_CHUNK_ROWS` rows, zero-padding the last one; measured on random
+batch sizes: 0 of 6000 differ.
 """
 
 from __future__ import annotations
@@ -19,7 +28,15 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from workers.features import ModelSpec
 
-__all__ = ["BackendUnavailable", "Backend", "BACKENDS", "register_backend", "create_backend", "known_backends"]
+__all__ = [
+    "BackendUnavailable", "Backend", "BACKENDS", "register_backend", "create_backend", "known_backends",
+    "FixedChunks", "INVARIANT_CHUNK_ROWS",
+]
+
+# Rows per backend call. Small enough that a tiny batch pads little (a 5-row batch costs
+# ~14 us instead of ~7 us on the flow model), large enough that a 2048-row batch costs
+# +0.1 us/event (flow) to +0.36 us/event (auth) over a single call, on this project's CPU.
+INVARIANT_CHUNK_ROWS = 64
 
 
 class BackendUnavailable(RuntimeError):
@@ -90,5 +107,43 @@ def create_backend(spec: "ModelSpec", backend: str = "onnxruntime", device: str 
         raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:<index>'")
     b = BACKENDS[backend](spec, device=dev, threads=threads)
     b.load()
-    return b
+    return FixedChunks(b)
+
+
+class FixedChunks:
+    """A backend that scores in fixed-size chunks so results do not depend on batch composition."""
+
+    def __init__(self, inner: Backend, rows: int = INVARIANT_CHUNK_ROWS):
+        self.inner = inner
+        self.rows = rows
+        self.name = inner.name
+        self.device = inner.device
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        # Only one shape ever reaches the inner backend (a static TensorRT profile, too).
+        self.inner.warmup([self.rows])
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        rows = self.rows
+        if n == rows:
+            return self.inner.infer(batch)
+        pad = (-n) % rows
+        if pad:
+            batch = np.concatenate([batch, np.zeros((pad, batch.shape[1]), dtype=batch.dtype)])
+        out = np.empty(n + pad, dtype=np.float32)
+        for i in range(0, n + pad, rows):
+            out[i : i + rows] = self.inner.infer(batch[i : i + rows])
+        return out[:n]
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "chunk_rows": self.rows}
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
 
