@@ -522,7 +522,11 @@ class Pipeline:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         deadline = time.monotonic() + self.settings.transactions.revoke_timeout_ms / 1000.0
         dropped = self.batcher.drop(lambda m: (m.topic(), m.partition()) in revoked)
-        if self._drain(deadline):
+        if self.producer.failed is not None:
+            # Closing after a fatal error: nothing can be committed; the broker aborts the open
+            # transaction and the partitions' next owner resumes from the last commit.
+            pass
+        elif self._drain(deadline):
             self._commit("revoke")
         else:
             log.warning("revoke budget exceeded; aborting the open transaction", extra={"dropped": dropped})

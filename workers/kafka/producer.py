@@ -64,7 +64,21 @@ class TransactionalProducer:
     def __init__(self, conf: dict[str, Any]):
         self._producer = Producer(conf)
         self.in_transaction = False
+        # Set once a fatal error was seen: every later transactional call fails at once instead
+        # of waiting on a producer librdkafka has already given up (e.g. from a revoke callback
+        # while the process closes after being fenced).
+        self.failed: str | None = None
         self.produce_call = self._producer.produce  # bound once: the hot path calls it per record
+
+    def _error(self, exc: KafkaException, during: str) -> Exception:
+        err = as_producer_error(exc, during)
+        if isinstance(err, FatalProducerError):
+            self.failed = str(err)
+        return err
+
+    def _check_usable(self) -> None:
+        if self.failed is not None:
+            raise FatalProducerError(f"producer unusable after a fatal error: {self.failed}")
 
     def init(self, timeout: float = INIT_TIMEOUT_S) -> None:
         try:
@@ -73,11 +87,12 @@ class TransactionalProducer:
             raise FatalProducerError(f"init_transactions failed: {exc.args[0].str()}") from exc
 
     def begin(self) -> None:
+        self._check_usable()
         if not self.in_transaction:
             try:
                 self._producer.begin_transaction()
             except KafkaException as exc:
-                raise as_producer_error(exc, "begin_transaction") from exc
+                raise self._error(exc, "begin_transaction") from exc
             self.in_transaction = True
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None, headers: Any = None) -> None:
@@ -91,7 +106,7 @@ class TransactionalProducer:
         except BufferError:
             pass
         except KafkaException as exc:
-            raise as_producer_error(exc, "produce") from exc
+            raise self._error(exc, "produce") from exc
         deadline = time.monotonic() + QUEUE_FULL_TIMEOUT_S
         while True:
             self._producer.poll(0.05)
@@ -102,7 +117,7 @@ class TransactionalProducer:
                 if time.monotonic() > deadline:
                     raise AbortableError("producer queue stayed full; aborting the transaction") from None
             except KafkaException as exc:
-                raise as_producer_error(exc, "produce") from exc
+                raise self._error(exc, "produce") from exc
 
     def poll(self, timeout: float = 0.0) -> None:
         self._producer.poll(timeout)
@@ -118,6 +133,7 @@ class TransactionalProducer:
         Raises AbortableError (the caller aborts and rewinds) or FatalProducerError.
         Retriable errors are retried within ``timeout``.
         """
+        self._check_usable()
         if not self.in_transaction:
             self.begin()
         deadline = time.monotonic() + timeout
@@ -134,11 +150,12 @@ class TransactionalProducer:
             except KafkaException as exc:
                 if classify(exc) is RetriableError and time.monotonic() < deadline:
                     continue
-                raise as_producer_error(exc, "commit") from exc
+                raise self._error(exc, "commit") from exc
 
     def abort(self, timeout: float = COMMIT_TIMEOUT_S) -> None:
         if not self.in_transaction:
             return
+        self._check_usable()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -146,11 +163,11 @@ class TransactionalProducer:
                 self.in_transaction = False
                 return
             except KafkaException as exc:
-                kind = classify(exc)
-                if kind is FatalProducerError:
-                    raise FatalProducerError(f"abort failed fatally: {exc.args[0].str()}") from exc
+                if classify(exc) is FatalProducerError:
+                    raise self._error(exc, "abort") from exc
                 if time.monotonic() >= deadline:
-                    raise FatalProducerError(f"abort did not complete: {exc.args[0].str()}") from exc
+                    self.failed = f"abort did not complete: {exc.args[0].str()}"
+                    raise FatalProducerError(self.failed) from exc
 
     def flush(self, timeout: float = 10.0) -> int:
         return self._producer.flush(timeout)
