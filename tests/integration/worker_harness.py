@@ -16,6 +16,17 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[2]
+# Every worker process a test started; the integration conftest kills what is left after each
+# test, pass or fail, so a failed test cannot leave workers polling a broker that is gone.
+_STARTED: list[subprocess.Popen] = []
+
+
+def kill_leftovers() -> None:
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 MODEL = ROOT / "models" / "flow_classifier"
 
 
@@ -56,6 +67,7 @@ class WorkerProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workers", "run"], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
+        _STARTED.append(self.proc)
         return self
 
     def wait_started(self, timeout: float = 60.0) -> None:
