@@ -44,6 +44,10 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
             "fetch.max.bytes": k.fetch_max_bytes,
             "queued.max.messages.kbytes": k.queued_max_messages_kbytes,
             "max.partition.fetch.bytes": min(k.fetch_max_bytes, 4 * 1024 * 1024),
+            # Once the prefetch queue is full librdkafka stops fetching for this long (default
+            # 1000 ms); a worker that drains the queue faster then sits idle (measured: runs of
+            # 200k events took 3-5 s instead of 1.4 s). Short backoff, same memory bound.
+            "fetch.queue.backoff.ms": 20,
             # Per-partition lag for the metrics comes from librdkafka statistics.
             "statistics.interval.ms": 5000,
             # Partition EOF events are noise for a long-running worker.
