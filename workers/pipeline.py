@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -71,9 +71,13 @@ RESUME_FRACTION = 0.5
 # Exit codes the loop can end with (the CLI documents the full table).
 EXIT_FENCED = 3      # producer or consumer fenced by another process with this replica id
 EXIT_TEMPFAIL = 75   # the cluster failed us (e.g. committed offsets unreadable); a restart may succeed
+EXIT_SOFTWARE = 70   # an unexpected error (a bug): the open transaction is aborted, nothing committed is lost
 
 # Fetching committed offsets when rewinding after an abort.
 COMMITTED_TIMEOUT_S = 15.0
+# One commit (send_offsets + commit_transaction) outside the revoke and shutdown paths,
+# which pass what is left of their own budget instead.
+COMMIT_TIMEOUT_S = 30.0
 # PSI gauges are recomputed at most this often (a PSI over every feature per commit is waste).
 DRIFT_GAUGE_INTERVAL_S = 1.0
 
@@ -133,6 +137,9 @@ class Pipeline:
         self._stop_requested = False
         self._force_stop = False
         self._assigned: set[tuple[str, int]] = set()
+        # Partitions rewound (aborted) while a _consume call was under way: messages of theirs
+        # returned by that call predate the rewind and must not be batched.
+        self._rewound: set[tuple[str, int]] = set()
         self._paused = False
         self._inflight: deque[Batch] = deque()
         self._pending_offsets: dict[tuple[str, int], int] = {}
@@ -220,6 +227,11 @@ class Pipeline:
             self.metrics.set_ready(False, "producer fenced or fatal error")
             self._close(abort=False)
             return EXIT_FENCED
+        except Exception:  # noqa: BLE001 - a bug or an unexpected client state: abort, say so, exit
+            log.exception("unexpected error; aborting the open transaction")
+            self.metrics.set_ready(False, "unexpected error")
+            self._close(abort=True)
+            return EXIT_SOFTWARE
 
     def _loop(self) -> None:
         s = self.settings
@@ -266,6 +278,7 @@ class Pipeline:
                 self._submit(batcher.take())
 
     def _consume(self, n: int, timeout: float) -> list[Message]:
+        self._rewound.clear()
         if n <= 0:
             # consume(0) is not allowed; poll serves callbacks (rebalance, stats) and may
             # return one message, which must not be lost.
@@ -284,11 +297,17 @@ class Pipeline:
                         msgs += self.consumer.consume(n - 1, 0)
         if not msgs:
             return msgs
+        # Rebalance callbacks run inside consume()/poll(): a message returned by this call may
+        # belong to a partition revoked or rewound meanwhile. Batching it would give its offset
+        # a second output (the new owner, or the refetch after the rewind, scores it again).
+        assigned, rewound = self._assigned, self._rewound
         good = []
         for m in msgs:
             err = m.error()
             if err is None:
-                good.append(m)
+                tp = (m.topic(), m.partition())
+                if tp in assigned and tp not in rewound:
+                    good.append(m)
             elif err.fatal() or err.code() == KafkaError._FATAL:
                 # e.g. FENCED_INSTANCE_ID: another process runs with this replica id. librdkafka
                 # delivers it as an error event whose code is _FATAL but whose fatal() is False.
@@ -299,7 +318,11 @@ class Pipeline:
             if self.stats.first_fetch_at is None:
                 self.stats.first_fetch_at = time.monotonic()
             self.stats.consumed += len(good)
-            self.metrics.consumed.labels(good[0].topic()).inc(len(good))
+            if len(self.settings.kafka.input_topics) == 1:
+                self.metrics.consumed.labels(good[0].topic()).inc(len(good))
+            else:
+                for topic, count in Counter(m.topic() for m in good).items():
+                    self.metrics.consumed.labels(topic).inc(count)
         if n <= 0 and good:
             # A message polled during backpressure joins the open batch.
             for full in self.batcher.add(good, time.monotonic()):
@@ -412,11 +435,12 @@ class Pipeline:
         max_dlq = topics_out.dlq_max_value_bytes
         for rej in rejects:
             m = msgs[rej.position]
+            key = m.key()
             value, headers = dead_letter(
                 m.value(), m.headers(), rej.reason, rej.detail, m.topic(), m.partition(), m.offset(),
-                self.worker_name, max_dlq,
+                self.worker_name, max_dlq - (len(key) if key else 0),
             )
-            producer.produce(topics_out.dlq, value, m.key(), headers=headers)
+            producer.produce(topics_out.dlq, value, key, headers=headers)
             self.metrics.dead_lettered.labels(rej.reason).inc()
         self.stats.dead_letters += len(rejects)
 
@@ -426,9 +450,10 @@ class Pipeline:
 
     # ---------------------------------------------------------- transactions
 
-    def _commit(self, why: str) -> None:
+    def _commit(self, why: str, timeout: float = COMMIT_TIMEOUT_S) -> bool:
+        """Commit the open transaction; False if it had to be aborted (and was rewound)."""
         if not self.producer.in_transaction:
-            return
+            return True
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending_offsets.items()]
         start = time.perf_counter()
         try:
@@ -439,11 +464,11 @@ class Pipeline:
                 delta = self.drift.take_delta()
                 if delta is not None:
                     self.producer.produce(self.settings.topics.drift, delta, self.spec.name.encode())
-            self.producer.commit(offsets, self.consumer.consumer_group_metadata())
+            self.producer.commit(offsets, self.consumer.consumer_group_metadata(), timeout=timeout)
         except AbortableError as exc:
             log.warning("transaction failed; aborting and rewinding", extra={"error": str(exc), "during": why})
             self._abort_and_rewind("commit_failed")
-            return
+            return False
         self.metrics.commit_seconds.observe(time.perf_counter() - start)
         self.metrics.txn_committed.inc()
         self._pending_offsets.clear()
@@ -456,6 +481,7 @@ class Pipeline:
             for feature, value in psi.items():
                 self.metrics.drift_psi.labels(self.spec.name, feature).set(value)
             self.stats.max_psi = max(psi.values(), default=math.nan)
+        return True
 
     def _abort_and_rewind(self, reason: str, partitions: set[tuple[str, int]] | None = None) -> None:
         """Step 4: abort, drop in-flight work, rewind to the last committed offsets."""
@@ -469,6 +495,7 @@ class Pipeline:
         self.stats.aborts += 1
         self.metrics.txn_aborted.labels(reason).inc()
         targets = partitions if partitions is not None else set(self._assigned)
+        self._rewound |= targets
         if not targets:
             return
         tps = [TopicPartition(t, p) for t, p in sorted(targets)]
@@ -477,12 +504,18 @@ class Pipeline:
         except KafkaException as exc:
             raise StopWorker(EXIT_TEMPFAIL, f"cannot read committed offsets to rewind: {exc}") from exc
         for tp in committed:
+            if tp.error is not None:
+                # Guessing (e.g. "nothing committed") would re-score committed events.
+                raise StopWorker(EXIT_TEMPFAIL, f"cannot read the committed offset of {tp.topic}[{tp.partition}]: "
+                                 f"{tp.error.str()}")
             if tp.offset == OFFSET_INVALID or tp.offset < 0:
                 tp.offset = -2  # OFFSET_BEGINNING: nothing committed yet for this partition
             try:
                 self.consumer.seek(tp)
             except KafkaException as exc:
-                log.warning("seek after abort failed", extra={"partition": f"{tp.topic}[{tp.partition}]", "error": str(exc)})
+                # Left at its position, the partition would skip the aborted events: restart
+                # instead, which resumes from the committed offsets.
+                raise StopWorker(EXIT_TEMPFAIL, f"cannot rewind {tp.topic}[{tp.partition}]: {exc}") from exc
         if self._paused:
             self._resume()
 
@@ -527,7 +560,8 @@ class Pipeline:
             # transaction and the partitions' next owner resumes from the last commit.
             pass
         elif self._drain(deadline):
-            self._commit("revoke")
+            # The commit shares the revoke budget (max.poll.interval.ms is at stake).
+            self._commit("revoke", timeout=max(1.0, deadline - time.monotonic()))
         else:
             log.warning("revoke budget exceeded; aborting the open transaction", extra={"dropped": dropped})
             self._abort_and_rewind("revoke_timeout", partitions=self._assigned - revoked)
@@ -585,16 +619,16 @@ class Pipeline:
             self._submit(self.batcher.take())
         if not self._force_stop and self._drain(deadline):
             try:
-                self._commit("shutdown")
+                committed = self._commit("shutdown", timeout=max(1.0, deadline - time.monotonic()))
             except FatalProducerError as exc:
                 log.error("fatal error while committing at shutdown", extra={"error": str(exc)})
                 self._close(abort=False)
                 return EXIT_FENCED
-            if not self.producer.in_transaction:
+            if committed:
                 log.info("drained and committed; closing", extra=self._summary())
                 self._close(abort=False)
                 return 0
-        log.warning("shutdown forced or deadline passed; aborting the open transaction", extra=self._summary())
+        log.warning("shutdown forced, deadline passed or last commit failed; aborting", extra=self._summary())
         self._close(abort=True)
         return 143 if self._force_stop else 1
 
@@ -608,7 +642,9 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - the broker's timeout / next init aborts it anyway
                 log.warning("abort at close failed", extra={"error": str(exc)})
         if self.pool is not None:
-            self.pool.shutdown(wait=False)
+            # Wait for a batch still running (cancelling queued ones) before freeing the
+            # backend under it: a GPU backend would crash on freed buffers.
+            self.pool.shutdown(wait=True, cancel=True)
             close = getattr(self.backend, "close", None)
             if close is not None:  # GPU backends free device buffers here
                 close()

@@ -90,9 +90,12 @@ def dead_letter(
 ) -> tuple[bytes | None, list[tuple[str, bytes]]]:
     """The dead letter's value and headers for one rejected input record."""
     headers = dead_letter_headers(original_headers, reason, detail, topic, partition, offset, worker)
-    if value is not None and len(value) > max_value_bytes:
+    # The whole record must fit the DLQ topic, or the transaction holding it aborts for ever:
+    # the budget covers headers (and the caller takes the key off max_value_bytes).
+    budget = max(0, max_value_bytes - sum(len(k) + len(v or b"") for k, v in headers) - 64)
+    if value is not None and len(value) > budget:
         headers.append((H_TRUNCATED, str(len(value)).encode()))
-        value = value[:max_value_bytes]
+        value = value[:budget]
     return value, headers
 
 

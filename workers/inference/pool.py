@@ -70,5 +70,6 @@ class InferencePool:
             self._infer_split(matrix[:mid], base, out, failed)
             self._infer_split(matrix[mid:], base + mid, out, failed)
 
-    def shutdown(self, wait: bool = True) -> None:
-        self._executor.shutdown(wait=wait, cancel_futures=not wait)
+    def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
+        """Stop the threads; ``cancel`` drops queued batches (a running one always finishes)."""
+        self._executor.shutdown(wait=wait, cancel_futures=cancel)

@@ -22,9 +22,12 @@ INIT_TIMEOUT_S = 60.0
 # One commit or abort; longer means the cluster is unhealthy and the worker
 # should rewind (abort) rather than hold the orchestrator thread.
 COMMIT_TIMEOUT_S = 30.0
-# How long produce() serves delivery reports while the local queue is full
-# before it gives up; the queue drains at broker speed, so this is generous.
-QUEUE_FULL_TIMEOUT_S = 60.0
+# How long produce() serves delivery reports while the local queue is full before
+# it gives up (abort, rewind); well below max.poll.interval.ms, since the consumer
+# is not polled meanwhile.
+QUEUE_FULL_TIMEOUT_S = 10.0
+# Between retries of a failed abort (e.g. a commit still in flight in librdkafka).
+ABORT_RETRY_BACKOFF_S = 0.1
 
 
 class FatalProducerError(RuntimeError):
@@ -168,6 +171,7 @@ class TransactionalProducer:
                 if time.monotonic() >= deadline:
                     self.failed = f"abort did not complete: {exc.args[0].str()}"
                     raise FatalProducerError(self.failed) from exc
+                time.sleep(ABORT_RETRY_BACKOFF_S)
 
     def flush(self, timeout: float = 10.0) -> int:
         return self._producer.flush(timeout)
