@@ -24,9 +24,10 @@ from workers.config import ConfigError, load_settings, reference
 
 log = logging.getLogger("sluice")
 
-# Exit codes (systemd / Kubernetes): 0 drained and committed; 1 drain deadline passed (aborted);
-# 2 bad configuration or model (retrying will not help); 3 fenced or fatal producer error;
-# 75 cannot start for now (cluster unreachable, topic missing); 143 forced by a second signal.
+# Exit codes (systemd / Kubernetes): 0 drained and committed; 1 drain deadline passed or last
+# commit failed (aborted); 2 bad configuration or model (retrying will not help); 3 fenced or
+# fatal producer error; 70 unexpected error (a bug; aborted); 75 cannot start for now or the
+# cluster failed (unreachable, topic missing, offsets unreadable); 143 forced by a second signal.
 EXIT_CONFIG = 2
 EXIT_TEMPFAIL = 75
 
@@ -56,11 +57,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     logs.setup(settings.logging.level, settings.logging.format)
     metrics = Metrics()
-    server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port).start()
+    try:
+        server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port).start()
+    except OSError as exc:
+        print(f"sluice: cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {exc}; "
+              "set [metrics] port (0 = any free port)", file=sys.stderr)
+        return EXIT_CONFIG
     log.info("metrics server listening", extra={"host": settings.metrics.host, "port": server.port})
-    pipeline = Pipeline(settings, metrics)
-    for _ in signals:  # arrived before the pipeline existed
-        pipeline.request_stop()
+    # Hand signals over to the pipeline with signals blocked, so one arriving in between is
+    # neither lost nor replayed twice (two stops would force an abort).
+    blocked = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    p = Pipeline(settings, metrics)
+    for _ in signals[:2]:  # arrived before the pipeline existed
+        p.request_stop()
+    pipeline = p
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
     try:
         try:
             pipeline.start()
