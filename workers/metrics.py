@@ -83,7 +83,7 @@ class Metrics:
             registry=r,
         )
         self.e2e_latency = BatchHistogram(
-            "sluice_end_to_end_latency_seconds", "Input record timestamp to score emitted.", LATENCY_BUCKETS
+            "sluice_end_to_end_latency_seconds", "Event timestamp (its ts field) to score emitted.", LATENCY_BUCKETS
         )
         r.register(self.e2e_latency)
         self.txn_committed = Counter("sluice_transactions_committed", "Transactions committed.", registry=r)
