@@ -7,6 +7,8 @@ frequencies and missing rate, and 10 equal-width score bins on [0, 1].
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from workers.features import FeatureBatch, Featurizer, ModelSpec
@@ -41,6 +43,25 @@ def metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
         "n": int(len(y)),
         "positives": int(y.sum()),
     }
+
+
+def deterministic_torch(seed: int):
+    """Import torch set up for reproducible training (seeded, deterministic, one thread).
+
+    Returns None, with the install hint on stderr, when torch is not installed.
+    """
+    try:
+        import torch
+    except ImportError:
+        print("train.py needs torch: pip install torch==2.13.0 onnx  (CPU build)", file=sys.stderr)
+        return None
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    if hasattr(torch, "set_num_interop_threads"):
+        torch.set_num_interop_threads(1)
+    return torch
 
 
 def featurize(fz: Featurizer, values: list[bytes]) -> FeatureBatch:

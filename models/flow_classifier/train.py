@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from workers import telemetry  # noqa: E402
 from workers.features import Featurizer, ModelSpec  # noqa: E402
-from workers.training import auc, feature_baseline, featurize, metrics, score_baseline, stamp_onnx  # noqa: E402
+from workers.training import deterministic_torch, auc, feature_baseline, featurize, metrics, score_baseline, stamp_onnx  # noqa: E402
 
 N_TRAIN = 240_000
 N_VALID = 40_000
@@ -71,18 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     args = ap.parse_args(argv)
 
-    try:
-        import torch
-    except ImportError:
-        print("train.py needs torch: pip install torch==2.13.0 onnx  (CPU build)", file=sys.stderr)
+    torch = deterministic_torch(args.seed)
+    if torch is None:
         return 2
-
     t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    torch.set_num_interop_threads(1) if hasattr(torch, "set_num_interop_threads") else None
 
     spec = ModelSpec.load(HERE)
     fz = Featurizer(spec)
