@@ -36,11 +36,18 @@ class MicroBatcher(Generic[T]):
 
     def add(self, items: Iterable[T], now: float) -> list[list[T]]:
         """Add items; return the full batches they closed (possibly none)."""
+        items = items if isinstance(items, list) else list(items)
         closed: list[list[T]] = []
-        for item in items:
+        while items:
             if not self._items:
                 self._first_at = now
-            self._items.append(item)
+            room = self.max_size - len(self._items)
+            if room >= len(items):
+                self._items.extend(items)
+                items = []
+            else:  # slices, not a loop per item: this runs for every consumed event
+                self._items.extend(items[:room])
+                items = items[room:]
             if len(self._items) >= self.max_size:
                 closed.append(self.take())
         return closed
