@@ -1,9 +1,10 @@
 """Drift statistics: per-transaction deltas in the worker, merged and scored by the aggregator.
 
-Worker side (:class:`DriftAccumulator`), per emitted batch, vectorized (no per-event Python):
-counts per feature bin (the bins ``train.py`` wrote to ``baseline.json``: numeric
-``searchsorted(edges, x, side="right")``, categorical = index of the code, the last bin any
-other code), missing and out-of-range counts, per-feature value sums (for means), and the
+Worker side: :func:`count_batch`, per scored batch in the scoring process, vectorized (no
+per-event Python), makes :class:`DriftCounts`, which :class:`DriftAccumulator` sums per
+transaction on the orchestrator thread: counts per feature bin (the bins ``train.py``
+wrote to ``baseline.json``: numeric ``searchsorted(edges, x, side="right")``, categorical =
+index of the code, the last bin any other code), missing and out-of-range counts, per-feature value sums (for means), and the
 score histogram (10 equal-width bins on [0, 1]). At each transaction commit
 :meth:`DriftAccumulator.take_delta` turns everything added since the last take into one
 JSON *delta* record (``schemas/records/drift_delta.json``) that the pipeline produces to
@@ -29,6 +30,7 @@ import pathlib
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -37,7 +39,7 @@ from workers.config import DriftSettings  # re-exported for the aggregator
 from workers.features import Baseline, ModelSpec, psi
 
 __all__ = [
-    "DriftSettings", "DriftAccumulator", "RefBins", "load_reference", "empty_state", "merge",
+    "DriftSettings", "DriftAccumulator", "DriftCounts", "count_batch", "RefBins", "load_reference", "empty_state", "merge",
     "merge_into", "state_from_delta", "build_report", "window_start", "DELTA_TYPE", "REPORT_TYPE",
 ]
 
@@ -114,6 +116,61 @@ def load_reference(spec_or_path: ModelSpec | str | pathlib.Path) -> RefBins:
 # ----------------------------------------------------------------------------- worker side
 
 
+@dataclass
+class DriftCounts:
+    """The drift counts of one batch: made where the batch is scored, summed at the orchestrator."""
+
+    bins: np.ndarray          # int64 [total bins]: every feature's bins, concatenated
+    missing: np.ndarray       # int64 [features]
+    out_of_range: np.ndarray  # int64 [features]
+    sums: np.ndarray          # float64 [features], missing values excluded
+    score_bins: np.ndarray    # int64 [score bins]
+    score_missing: int
+    score_sum: float
+    count: int
+    ts_min: float             # inf / -inf when no row carried a timestamp
+    ts_max: float
+
+
+def count_batch(ref: RefBins, raw: np.ndarray, scores: np.ndarray, event_ts: np.ndarray) -> DriftCounts:
+    """Drift counts of one batch's scored rows, vectorized (no per-event Python)."""
+    nf = len(ref.names)
+    total = int(ref.offsets[-1])
+    n = len(raw)
+    if n == 0:
+        z = np.zeros(nf, dtype=np.int64)
+        return DriftCounts(np.zeros(total, dtype=np.int64), z, z.copy(), np.zeros(nf), np.zeros(ref.score_bins, np.int64),
+                           0, 0.0, 0, math.inf, -math.inf)
+    raw = np.asarray(raw, dtype=np.float64)
+    nan = np.isnan(raw)
+    missing = nan.sum(axis=0)
+    oor = ((raw < ref.lo) | (raw > ref.hi)).sum(axis=0)
+    sums = np.where(nan, 0.0, raw).sum(axis=0)
+    idx = np.empty((nf, n), dtype=np.int64)
+    cols = np.ascontiguousarray(raw.T)  # one copy; searching contiguous columns is ~25% faster
+    for j in range(nf):
+        idx[j] = ref.bin_index(j, cols[j])
+    idx += ref.offsets[:-1, None]
+    bins = np.bincount(idx.ravel(), minlength=total)
+    # NaN (missing) landed in each feature's last bin: take it back out
+    if missing.any():
+        bins[ref.offsets[1:] - 1] -= missing
+    s = np.asarray(scores, dtype=np.float64)
+    ok = np.isfinite(s)
+    score_missing = 0
+    if not ok.all():
+        score_missing = int(n - ok.sum())
+        s = s[ok]
+    nb = ref.score_bins
+    score_bins = np.bincount(np.clip((s * nb).astype(np.int64), 0, nb - 1), minlength=nb)
+    ts = np.asarray(event_ts, dtype=np.float64)
+    ts = ts[~np.isnan(ts)]
+    ts_min, ts_max = (float(ts.min()), float(ts.max())) if len(ts) else (math.inf, -math.inf)
+    return DriftCounts(bins, missing, oor, sums, score_bins, score_missing, float(s.sum()), n, ts_min, ts_max)
+
+
+
+
 class DriftAccumulator:
     """Drift counts of the events a replica scored since the last transaction commit.
 
@@ -157,41 +214,25 @@ class DriftAccumulator:
         return self._count
 
     def add(self, raw: np.ndarray, scores: np.ndarray, event_ts: np.ndarray) -> None:
-        n = len(raw)
-        if n == 0:
+        """Count one batch's scored rows (``FeatureBatch.raw``, scores, event timestamps)."""
+        self.add_counts(count_batch(self.ref, raw, scores, event_ts))
+
+    def add_counts(self, c: "DriftCounts | None") -> None:
+        """Add counts made elsewhere (a scoring process) with :func:`count_batch` on this model."""
+        if c is None or c.count == 0:
             return
-        ref = self.ref
-        raw = np.asarray(raw, dtype=np.float64)
-        nan = np.isnan(raw)
-        missing = nan.sum(axis=0)
-        self._missing += missing
-        self._oor += ((raw < ref.lo) | (raw > ref.hi)).sum(axis=0)
-        self._sum += np.where(nan, 0.0, raw).sum(axis=0)
-        idx = np.empty((self._n_feat, n), dtype=np.int64)
-        cols = np.ascontiguousarray(raw.T)  # one copy; searching contiguous columns is ~25% faster
-        for j in range(self._n_feat):
-            idx[j] = ref.bin_index(j, cols[j])
-        idx += ref.offsets[:-1, None]
-        self._bins += np.bincount(idx.ravel(), minlength=self._total_bins)
-        # NaN (missing) landed in each feature's last bin: take it back out
-        if missing.any():
-            self._bins[ref.offsets[1:] - 1] -= missing
-        s = np.asarray(scores, dtype=np.float64)
-        ok = np.isfinite(s)
-        if not ok.all():
-            self._score_missing += int(n - ok.sum())
-            s = s[ok]
-        nb = ref.score_bins
-        self._score_bins += np.bincount(np.clip((s * nb).astype(np.int64), 0, nb - 1), minlength=nb)
-        self._score_sum += float(s.sum())
-        self._count += n
-        ts = np.asarray(event_ts, dtype=np.float64)
-        if len(ts):
-            lo, hi = np.nanmin(ts) if not np.isnan(ts).all() else math.inf, np.nanmax(ts) if not np.isnan(ts).all() else -math.inf
-            if lo < self._ts_min:
-                self._ts_min = float(lo)
-            if hi > self._ts_max:
-                self._ts_max = float(hi)
+        self._bins += c.bins
+        self._missing += c.missing
+        self._oor += c.out_of_range
+        self._sum += c.sums
+        self._score_bins += c.score_bins
+        self._score_missing += c.score_missing
+        self._score_sum += c.score_sum
+        self._count += c.count
+        if c.ts_min < self._ts_min:
+            self._ts_min = c.ts_min
+        if c.ts_max > self._ts_max:
+            self._ts_max = c.ts_max
 
     def reset(self) -> None:
         self._clear()
