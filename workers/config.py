@@ -155,7 +155,14 @@ class BatchingSettings(_Section):
 
 
 class InferenceSettings(_Section):
-    threads: int = Field(1, ge=1, le=256, description="Dedicated inference threads (each runs whole batches).")
+    processes: int = Field(
+        1, ge=0, le=256,
+        description="Scoring processes (each featurizes, infers and encodes whole batches beside the orchestrator's "
+        "GIL, with its own copy of the model); 0 = score on `threads` threads inside the worker process.",
+    )
+    threads: int = Field(
+        1, ge=1, le=256, description="Scoring threads when processes = 0 (each runs whole batches; the GIL is shared)."
+    )
     intra_op_threads: int = Field(1, ge=1, le=256, description="Backend threads used inside one batch.")
 
 

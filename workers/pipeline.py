@@ -26,7 +26,8 @@ The commit protocol, as in DESIGN.md:
    ``shutdown_timeout_ms`` aborts instead; nothing committed is ever lost.
 
 One thread (the caller of :meth:`Pipeline.run`) owns the consumer and every
-transaction call; inference runs on the pool's threads.
+transaction call; batches are featurized, scored and encoded in the scoring
+processes of :class:`workers.inference.pool.ScoringPool` (or its threads).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import math
 import os
 import time
 from collections import Counter, deque
-from concurrent.futures import Future
+from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
@@ -49,23 +50,29 @@ from confluent_kafka.admin import AdminClient
 from workers.batching import MicroBatcher
 from workers.config import Settings
 from workers.drift import DriftAccumulator
-from workers.features import Featurizer, ModelSpec, Reject
-from workers.inference import create_backend
-from workers.inference.pool import InferencePool, InferenceResult
+from workers.features import ModelSpec
+from workers.inference.pool import ScoringPool
 from workers.kafka import settings as kafka_settings
 from workers.kafka.admin import TopicError, ensure_topics, partition_counts
 from workers.kafka.producer import AbortableError, FatalProducerError, TransactionalProducer
 from workers.metrics import Metrics
-from workers.records import ScoreEncoder, dead_letter
+from workers.records import dead_letter
+from workers.scoring import ScoredBatch, ScorerConfig
 
 log = logging.getLogger(__name__)
 
 # Longest single consume() call: bounds how late a signal, a commit deadline or
 # a completed batch is noticed.
 MAX_POLL_WAIT_S = 0.1
-# While partitions are paused, wait this long on the oldest in-flight batch
-# before polling again (polling keeps the group membership alive).
+# While the in-flight queue is full, wait this long on the oldest batch before looking again
+# (at the commit interval, a signal, and, once paused, the group membership through a poll).
 BACKPRESSURE_WAIT_S = 0.01
+# Pause the partitions only when the in-flight queue has stayed full this long. Full is the
+# normal state at full load, and a pause drops what librdkafka has prefetched for the partition
+# (fetched again on resume): pausing at every full queue cut throughput 20x (sluice bench).
+# Until then nothing is consumed, so memory stays bounded by the prefetch limits either way;
+# the bound is far below max.poll.interval.ms, so a slow model never costs the membership.
+BACKPRESSURE_PAUSE_AFTER_S = 1.0
 # Resume paused partitions once in-flight batches drop to this share of the limit,
 # so pause/resume does not flap at the boundary.
 RESUME_FRACTION = 0.5
@@ -98,16 +105,12 @@ class StopWorker(Exception):
 
 @dataclass
 class Batch:
-    """Messages of one inference batch and everything needed to emit them."""
+    """Messages of one scoring batch and what the orchestrator needs to emit them."""
 
     msgs: list[Message]
-    topics: list[str]
-    partitions: list[int]
-    offsets: list[int]
     keys: list[bytes | None]
-    features: object  # FeatureBatch
+    next_offsets: dict[tuple[str, int], int]  # per partition: the offset after the batch's last message
     future: Future | None = None
-    created_at: float = 0.0
 
 
 @dataclass
@@ -141,6 +144,8 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.stats = Stats()
         self.worker_name = f"{settings.kafka.group_id}/{settings.kafka.replica_id}/{os.getpid()}"
+        # One input topic (the common case): the batch's topic is sent once, not per message.
+        self._single_topic = settings.kafka.input_topics[0] if len(settings.kafka.input_topics) == 1 else None
         self._stop_requested = False
         self._force_stop = False
         self._assigned: set[tuple[str, int]] = set()
@@ -151,6 +156,7 @@ class Pipeline:
         # only when one ran during the call (filtering costs ~0.5 us per message).
         self._epoch = 0
         self._paused = False
+        self._full_since: float | None = None  # when the in-flight queue last became full
         self._inflight: deque[Batch] = deque()
         self._pending_offsets: dict[tuple[str, int], int] = {}
         self._txn_started_at: float | None = None
@@ -158,7 +164,7 @@ class Pipeline:
         self.drift: DriftAccumulator | None = None
         self.consumer: Consumer | None = None
         self.producer: TransactionalProducer | None = None
-        self.pool: InferencePool | None = None
+        self.pool: ScoringPool | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -166,16 +172,37 @@ class Pipeline:
         """Load and warm the model, check topics, init transactions, subscribe."""
         s = self.settings
         self.spec = ModelSpec.load(s.model.path)
-        self.featurizer = Featurizer(self.spec)
-        backend = create_backend(
-            self.spec, backend=s.model.backend, device=s.model.device, threads=s.inference.intra_op_threads
-        )
-        sizes = sorted({1, s.batching.max_batch_size} | {2**i for i in range(1, 16) if 2**i < s.batching.max_batch_size})
-        backend.warmup(sizes)
-        self.backend = backend
-        self.encoder = ScoreEncoder(self.spec.name, self.spec.version, self.spec.threshold)
         if s.drift.enabled:
             self.drift = DriftAccumulator(self.spec, s.kafka.replica_id, recent_s=s.drift.recent_s)
+        sizes = sorted({1, s.batching.max_batch_size} | {2**i for i in range(1, 16) if 2**i < s.batching.max_batch_size})
+        # Scoring executors first: a model that cannot load fails the start before any Kafka client
+        # exists, and spawning them before librdkafka's threads keeps the processes lean.
+        self.pool = ScoringPool(
+            ScorerConfig(s.model.path, s.model.backend, s.model.device, s.inference.intra_op_threads, tuple(sizes),
+                         drift=s.drift.enabled),
+            processes=s.inference.processes, threads=s.inference.threads,
+            log_level=s.logging.level, log_format=s.logging.format,
+        )
+        try:
+            self.pool.start()
+            self._start_clients()
+        except BaseException:
+            # Leave no scoring process behind a start that failed (the CLI exits 2 or 75).
+            self.pool.shutdown(wait=True, cancel=True)
+            raise
+        # Start-up objects (model, clients, modules) live as long as the process: keep them out
+        # of every future collection, then collect the hot path's garbage less often.
+        gc.collect()
+        gc.freeze()
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+        # Ready: model warm, producer initialised, subscribed. A replica without partitions
+        # (more replicas than partitions) is ready too: it takes over on the next rebalance.
+        self.metrics.set_ready(True)
+
+    def _start_clients(self) -> None:
+        """Check topics, init transactions, subscribe."""
+        s = self.settings
         self.metrics.model_info.info(
             {"name": self.spec.name, "version": self.spec.version, "backend": s.model.backend, "device": s.model.device}
         )
@@ -207,19 +234,9 @@ class Pipeline:
         self.consumer.subscribe(
             list(s.kafka.input_topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
-        self.pool = InferencePool(backend, s.inference.threads)
         self.batcher: MicroBatcher[Message] = MicroBatcher(
             s.batching.max_batch_size, s.batching.max_batch_delay_ms / 1000.0, s.batching.adaptive
         )
-        # Start-up objects (model, clients, modules) live as long as the process: keep them out
-        # of every future collection, then collect the hot path's garbage less often.
-        gc.collect()
-        gc.freeze()
-        _, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-        # Ready: model warm, producer initialised, subscribed. A replica without partitions
-        # (more replicas than partitions) is ready too: it takes over on the next rebalance.
-        self.metrics.set_ready(True)
 
     # ------------------------------------------------------------- main loop
 
@@ -263,12 +280,16 @@ class Pipeline:
                 self._commit("interval")
 
             if len(self._inflight) >= max_inflight:
-                if not self._paused:
+                if self._full_since is None:
+                    self._full_since = now
+                elif not self._paused and now - self._full_since >= BACKPRESSURE_PAUSE_AFTER_S:
                     self._pause()
-                # Keep polling (group membership, max.poll.interval) while waiting for inference.
-                self._consume(0, 0.0)
+                if self._paused:
+                    # Keep polling (group membership, max.poll.interval) while waiting for inference.
+                    self._consume(0, 0.0)
                 self._emit_completed(block_s=BACKPRESSURE_WAIT_S)
                 continue
+            self._full_since = None
             if self._paused and len(self._inflight) <= resume_at:
                 self._resume()
 
@@ -351,13 +372,17 @@ class Pipeline:
     # -------------------------------------------------------- batch lifecycle
 
     def _submit(self, msgs: list[Message]) -> None:
-        topics = [m.topic() for m in msgs]
         partitions = [m.partition() for m in msgs]
         offsets = [m.offset() for m in msgs]
-        keys = [m.key() for m in msgs]
-        features = self.featurizer.featurize([m.value() for m in msgs])
-        batch = Batch(msgs, topics, partitions, offsets, keys, features, created_at=time.monotonic())
-        batch.future = self.pool.submit(features.matrix)
+        if self._single_topic is not None:
+            topics = self._single_topic
+            # Offsets rise within a partition, so the last one seen per partition is its maximum.
+            last = {(topics, p): o + 1 for p, o in dict(zip(partitions, offsets)).items()}
+        else:
+            topics = [m.topic() for m in msgs]
+            last = {tp: o + 1 for tp, o in dict(zip(zip(topics, partitions), offsets)).items()}
+        batch = Batch(msgs, [m.key() for m in msgs], last)
+        batch.future = self.pool.submit([m.value() for m in msgs], topics, partitions, offsets)
         self._inflight.append(batch)
         self.metrics.inflight_batches.set(len(self._inflight))
         self.metrics.batch_size.observe(len(msgs))
@@ -380,7 +405,11 @@ class Pipeline:
             batch = inflight.popleft()
             self.pool.collected()
             try:
-                self._emit(batch, fut.result())
+                result = fut.result()
+            except BrokenExecutor as exc:
+                raise StopWorker(EXIT_SOFTWARE, f"a scoring process died ({exc}); see its log above") from exc
+            try:
+                self._emit(batch, result)
             except AbortableError as exc:
                 # The transaction cannot go on (librdkafka refused a record): abort it and redo
                 # everything since the last commit, this batch included.
@@ -389,50 +418,24 @@ class Pipeline:
                 return
         self.metrics.inflight_batches.set(len(inflight))
 
-    def _emit(self, batch: Batch, result: InferenceResult) -> None:
+    def _emit(self, batch: Batch, result: ScoredBatch) -> None:
         producer = self.producer
         if not producer.in_transaction:
             producer.begin()
             self._txn_started_at = time.monotonic()
-        fb = batch.features
         topics_out = self.settings.topics
         msgs = batch.msgs
         self.metrics.queue_wait.observe(result.queue_wait_s)
         self._infer_hist.observe(result.infer_s)
+        if self.drift is not None:
+            self.drift.add_counts(result.drift)
 
-        scores = result.scores
-        ok = np.isfinite(scores)
-        positions = fb.positions
-        rejects = list(fb.rejects)
-        if not ok.all():
-            for row in np.flatnonzero(~ok).tolist():
-                detail = result.failed.get(row, f"model returned a non-finite score ({scores[row]!r})")
-                reason = "inference_error" if row in result.failed else "non_finite_score"
-                rejects.append(Reject(int(positions[row]), reason, detail))
-            positions = positions[ok]
-            scores = scores[ok]
-            event_ids = [e for e, good in zip(fb.event_ids, ok.tolist()) if good]
-            event_ts = fb.event_ts[ok]
-            raw = fb.raw[ok]
-        else:
-            event_ids = fb.event_ids
-            event_ts = fb.event_ts
-            raw = fb.raw
-        if self.drift is not None and len(scores):
-            self.drift.add(raw, scores, event_ts)
-
-        n = len(positions)
+        values = result.records
+        n = len(values)
         if n:
-            if n == len(msgs):  # no rejects: rows are the batch, in order
-                keys = batch.keys
-                sources = (batch.topics, batch.partitions, batch.offsets)
-            else:
-                pos = positions.tolist()
-                all_keys = batch.keys
-                keys = [all_keys[i] for i in pos]
-                sources = tuple([col[i] for i in pos] for col in (batch.topics, batch.partitions, batch.offsets))
-            now = time.time()
-            values = self.encoder.encode(event_ids, scores, *sources, event_ts, now)
+            keys = batch.keys
+            if n != len(msgs):  # rejects: pick the keys of the scored rows
+                keys = [keys[i] for i in result.positions.tolist()]
             produce = producer.produce_call
             scores_topic = topics_out.scores
             for value, key in zip(values, keys):
@@ -441,7 +444,7 @@ class Pipeline:
                 except (BufferError, KafkaException):  # queue full, fenced, failed transaction
                     producer.produce(scores_topic, value, key)
             # End-to-end latency from the event's own timestamp (DESIGN: event timestamp -> emit).
-            latency = now - event_ts
+            latency = time.time() - result.event_ts
             latency = latency[np.isfinite(latency)]
             self.metrics.e2e_latency.observe_many(latency)
             self.stats.recent_latency.append(latency)
@@ -449,7 +452,7 @@ class Pipeline:
             self._scored_counter.inc(n)
 
         max_dlq = topics_out.dlq_max_value_bytes
-        for rej in rejects:
+        for rej in result.rejects:
             m = msgs[rej.position]
             key = m.key()
             value, headers = dead_letter(
@@ -458,13 +461,8 @@ class Pipeline:
             )
             producer.produce(topics_out.dlq, value, key, headers=headers)
             self.metrics.dead_lettered.labels(rej.reason).inc()
-        self.stats.dead_letters += len(rejects)
-
-        # Offsets rise within a partition, so the last one seen per partition is its maximum.
-        last = dict(zip(zip(batch.topics, batch.partitions), batch.offsets))
-        pending = self._pending_offsets
-        for tp, offset in last.items():
-            pending[tp] = offset + 1
+        self.stats.dead_letters += len(result.rejects)
+        self._pending_offsets.update(batch.next_offsets)
 
     # ---------------------------------------------------------- transactions
 
@@ -667,9 +665,6 @@ class Pipeline:
             # Wait for a batch still running (cancelling queued ones) before freeing the
             # backend under it: a GPU backend would crash on freed buffers.
             self.pool.shutdown(wait=True, cancel=True)
-            close = getattr(self.backend, "close", None)
-            if close is not None:  # GPU backends free device buffers here
-                close()
         if self.consumer is not None:
             self.metrics.consumer_lag.clear()
             try:

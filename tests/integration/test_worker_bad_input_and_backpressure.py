@@ -11,6 +11,7 @@ import jsonschema
 import orjson
 from confluent_kafka import Producer
 
+from tests.backends import DELAY_ENV
 from workers import telemetry
 from workers.config import load_settings
 from workers.kafka.telemetry_producer import produce_telemetry
@@ -119,19 +120,7 @@ def test_hostile_corpus_becomes_dead_letters_with_reasons(bootstrap, new_topic, 
         jsonschema.validate(orjson.loads(m.value()), score_schema)
 
 
-class _SlowBackend:
-    """A real backend that takes `delay` seconds per batch (a model too big for its hardware)."""
-
-    def __init__(self, inner, delay: float):
-        self.inner, self.delay = inner, delay
-        self.name, self.device = inner.name, inner.device
-
-    def infer(self, batch):
-        time.sleep(self.delay)
-        return self.inner.infer(batch)
-
-
-def test_slow_backend_keeps_memory_bounded_and_the_member_in_its_group(bootstrap, new_topic):
+def test_slow_backend_keeps_memory_bounded_and_the_member_in_its_group(bootstrap, new_topic, monkeypatch):
     topic = new_topic(partitions=2, prefix="slow")
     produce_telemetry(bootstrap, topic, count=20_000, seed=21)
     max_batch, max_inflight = 100, 2
@@ -140,13 +129,14 @@ def test_slow_backend_keeps_memory_bounded_and_the_member_in_its_group(bootstrap
         kafka={"bootstrap_servers": bootstrap, "group_id": f"g-{topic}", "input_topics": [topic], "replica_id": "slow",
                "session_timeout_ms": 3000, "max_poll_interval_ms": 5000},
         topics={"scores": f"{topic}-scores", "dlq": f"{topic}-dlq", "drift": f"{topic}-drift"},
-        model={"path": str(MODEL)},
+        # 0.4 s per batch of 100 in one scoring process: at most 250 events/s
+        model={"path": str(MODEL), "backend": "tests.backends:SlowOnnxRuntime"},
         batching={"max_batch_size": max_batch, "max_inflight_batches": max_inflight, "adaptive": False},
         transactions={"commit_interval_ms": 200, "revoke_timeout_ms": 2000},
     )
+    monkeypatch.setenv(DELAY_ENV, "0.4")  # the scoring process inherits it at start
     pipeline = Pipeline(settings)
     pipeline.start()
-    pipeline.pool.backend = _SlowBackend(pipeline.pool.backend, delay=0.4)  # 2 threads × 100 events / 0.4 s max
     held, paused = [], []
     stop = threading.Event()
 

@@ -1,48 +1,139 @@
-"""Inference pool: order of results, and a poison row isolated by bisection."""
+"""Scoring pool: processes score as the worker process would, fail clearly, and leave no orphans."""
 
-import numpy as np
+from __future__ import annotations
 
-from workers.inference.pool import InferencePool
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import BrokenExecutor
+from pathlib import Path
+
+import orjson
+import pytest
+
+from workers import telemetry
+from workers.inference.pool import ScoringPool, ScoringStartError
+from workers.scoring import BatchScorer, ScorerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "flow_classifier"
+CONFIG = ScorerConfig(MODEL, warmup_batch_sizes=(1, 64))
 
 
-class PoisonBackend:
-    """Scores rows by their first column; raises on any batch containing a negative first column."""
-
-    name, device = "poison", "cpu"
-
-    def __init__(self):
-        self.calls = 0
-
-    def infer(self, batch):
-        self.calls += 1
-        if (batch[:, 0] < 0).any():
-            raise RuntimeError("kernel failed on this batch")
-        return batch[:, 0].astype(np.float32) / 100
+def _batches(n_batches: int, size: int, bad_fraction: float = 0.05):
+    events = [v for _, v, _ in telemetry.generate(kind="flow", count=n_batches * size, seed=5, bad_fraction=bad_fraction)]
+    return [events[i * size:(i + 1) * size] for i in range(n_batches)]
 
 
-def test_results_come_back_per_submission():
-    pool = InferencePool(PoisonBackend(), threads=2)
-    futs = [pool.submit(np.full((4, 2), i, np.float32)) for i in range(6)]
-    for i, fut in enumerate(futs):
-        res = fut.result()
-        pool.collected()
-        assert np.allclose(res.scores, i / 100)
-        assert res.failed == {}
-    assert pool.idle
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def _docs(records):
+    docs = [orjson.loads(r) for r in records]
+    for d in docs:
+        d.pop("scored_at")
+    return docs
+
+
+@pytest.mark.parametrize("processes", [1, 2, 0])
+def test_pool_scores_like_the_worker_process_in_submission_order(processes):
+    batches = _batches(6, 300)
+    local = BatchScorer(CONFIG)
+    pool = ScoringPool(CONFIG, processes=processes, threads=2)
+    try:
+        pool.start(timeout=120)
+        assert len(pool.pids) == processes
+        futs = [pool.submit(b, "flows", [i % 3] * len(b), list(range(len(b)))) for i, b in enumerate(batches)]
+        assert not pool.idle
+        for i, (b, fut) in enumerate(zip(batches, futs)):
+            got = fut.result(timeout=60)
+            pool.collected()
+            want = local.score(b, "flows", [i % 3] * len(b), list(range(len(b))))
+            assert _docs(got.records) == _docs(want.records)
+            assert got.positions.tolist() == want.positions.tolist()
+            assert [(r.position, r.reason) for r in got.rejects] == [(r.position, r.reason) for r in want.rejects]
+            assert got.rejects, "the generator's bad records must come back as rejects"
+            assert (got.drift.bins == want.drift.bins).all() and got.drift.count == len(got.records)
+        assert pool.idle
+    finally:
+        pool.shutdown()
+    for pid in pool.pids:
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), f"scoring process {pid} outlived the pool"
+
+
+def test_a_model_that_cannot_load_fails_start_with_the_reason():
+    pool = ScoringPool(ScorerConfig(MODEL, backend="no-such-backend"), processes=1)
+    with pytest.raises(ScoringStartError, match="unknown inference backend 'no-such-backend'"):
+        pool.start(timeout=120)
     pool.shutdown()
 
 
-def test_poison_row_fails_alone():
-    backend = PoisonBackend()
-    pool = InferencePool(backend, threads=1)
-    m = np.arange(16, dtype=np.float32).reshape(8, 2)
-    m[5, 0] = -1
-    res = pool.submit(m).result()
-    pool.collected()
-    assert list(res.failed) == [5]
-    assert "kernel failed" in res.failed[5]
-    assert np.isnan(res.scores[5])
-    ok = np.delete(np.arange(8), 5)
-    assert np.allclose(res.scores[ok], m[ok, 0] / 100)
-    assert backend.calls <= 1 + 2 * 3  # bisection: O(log n) failing calls per poison row
-    pool.shutdown()
+def test_a_backend_named_by_import_path_loads_in_the_scoring_process():
+    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=1)
+    try:
+        pool.start(timeout=120)
+        out = pool.submit(_batches(1, 10, 0.0)[0], "flows", [0] * 10, list(range(10))).result(timeout=60)
+        assert len(out.records) == 10 and out.infer_s >= 0.4
+    finally:
+        pool.shutdown()
+
+
+def test_a_dead_scoring_process_breaks_the_pool_instead_of_hanging_it():
+    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=1)
+    try:
+        pool.start(timeout=120)
+        fut = pool.submit(_batches(1, 10, 0.0)[0], "flows", [0] * 10, list(range(10)))
+        os.kill(pool.pids[0], signal.SIGKILL)
+        with pytest.raises(BrokenExecutor):
+            fut.result(timeout=30)
+    finally:
+        pool.shutdown()
+
+
+def test_scoring_processes_exit_when_the_worker_is_killed(tmp_path):
+    pids_file = tmp_path / "pids"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from workers.inference.pool import ScoringPool
+        from workers.scoring import ScorerConfig
+        if __name__ == "__main__":
+            pool = ScoringPool(ScorerConfig(Path({str(MODEL)!r})), processes=2)
+            pool.start(timeout=120)
+            Path({str(pids_file)!r}).write_text(" ".join(map(str, pool.pids)))
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while not pids_file.exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, "the worker stand-in died"
+            time.sleep(0.1)
+        pids = [int(p) for p in pids_file.read_text().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        for pid in pids:  # a Ctrl-C reaches the whole process group: scoring processes ignore it
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(_alive(p) for p in pids), "a scoring process died of SIGINT; the worker decides when to stop"
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "scoring processes outlived a SIGKILLed worker"
+    finally:
+        proc.kill()

@@ -1,12 +1,12 @@
 """The inference backend protocol and the backend registry.
 
 A backend scores a float32 feature matrix ``[n, f]`` (f = ``spec.n_columns``)
-into float32 scores ``[n]`` in [0, 1]. ``infer`` is called concurrently from the
-worker's inference threads, so it must be thread-safe; backends release the
-GIL while they run.
+into float32 scores ``[n]`` in [0, 1]. Each scoring process (or thread, with
+``inference.processes = 0``) of the worker loads its own backend instance; the
+backends release the GIL while they run.
 
 Backends register a factory under a name in ``BACKENDS``; ``create_backend``
-picks one. A backend whose runtime or device is missing raises
+picks one, or imports ``package.module:factory`` for a backend of your own. A backend whose runtime or device is missing raises
 ``BackendUnavailable`` with the install hint (never a silent CPU fallback).
 
 Batch invariance: an event's score must not depend on which other events share
@@ -89,6 +89,25 @@ def register_backend(name: str, factory: Callable[..., Backend]) -> None:
     BACKENDS[name] = factory
 
 
+def _plugin(name: str) -> Callable[..., Backend]:
+    """A backend named ``package.module:factory`` (a class or function taking the same arguments as
+    the registered ones). Named by import path, it also loads in the scoring processes, which do
+    not see ``register_backend`` calls made in the worker process."""
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"unknown inference backend {name!r}; known backends: {', '.join(known_backends())} "
+                         "(or 'package.module:factory')")
+    import importlib
+
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"inference backend {name!r} cannot be imported: {exc}") from exc
+    if not callable(factory):
+        raise ValueError(f"inference backend {name!r} is not callable")
+    return factory
+
+
 def known_backends() -> list[str]:
     return sorted(BACKENDS)
 
@@ -99,14 +118,13 @@ def create_backend(spec: "ModelSpec", backend: str = "onnxruntime", device: str 
     ``threads`` is the intra-op thread count of one call (the worker runs its own
     pool of inference threads, hence 1 by default).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown inference backend {backend!r}; known backends: {', '.join(known_backends())}")
+    factory = BACKENDS.get(backend) or _plugin(backend)
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     dev = str(device).lower()
     if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:<index>'")
-    b = BACKENDS[backend](spec, device=dev, threads=threads)
+    b = factory(spec, device=dev, threads=threads)
     b.load()
     return PaddedRows(b)
 
