@@ -6,8 +6,13 @@
    model) over the same topic; events/s from first fetch to last commit.
 3. Worker: the real pipeline (exactly once, model, dead letters, drift deltas)
    over the same topic under another group; events/s from first fetch to last
-   commit, and peak RSS of this phase. Run with drift on and off, alternating,
-   best of ``--repeat`` each, for the cost of drift statistics.
+   commit, and peak RSS of this phase (the worker process plus its scoring
+   processes). Run with drift on and off, for the cost of drift statistics.
+
+Steps 2 and 3 run in ``--repeat`` rounds (ceiling, drift on, drift off), and
+each figure is the best of its runs: on a shared machine a single run of
+either side can land on a busy moment, and the ratio must not be decided by
+which one did.
 4. Latency: a fresh topic fed at half the worker's measured rate while the
    worker runs; p50/p99 from the event's timestamp to the moment its score is
    readable with read_committed (what a SIEM sees), and to emit (the worker's
@@ -32,7 +37,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -52,10 +56,13 @@ def _rss_reset() -> None:
         pass
 
 
-def _rss_peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+def _rss_peak_mb(pid: int | str = "self") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("nan")
 
 
@@ -65,16 +72,17 @@ def _preload(bootstrap: str, topic: str, count: int, seed: int) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def passthrough(bootstrap: str, topic: str, out_topic: str, count: int, commit_interval_s: float = 0.1) -> dict:
+def passthrough(bootstrap: str, topic: str, out_topic: str, count: int, commit_interval_s: float = 0.1,
+                run: int = 0) -> dict:
     """The ceiling: consume → produce in a transaction → commit offsets, no work per event."""
     c = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": f"bench-pt-{topic}", "auto.offset.reset": "earliest",
+        "bootstrap.servers": bootstrap, "group.id": f"bench-pt-{topic}-{run}", "auto.offset.reset": "earliest",
         "enable.auto.commit": False, "isolation.level": "read_committed",
         "fetch.max.bytes": 16 * 1024 * 1024, "queued.max.messages.kbytes": 32 * 1024,
         "fetch.queue.backoff.ms": 20,  # as the worker: no 1 s fetch pauses in either measurement
     })
     p = Producer({
-        "bootstrap.servers": bootstrap, "transactional.id": f"bench-pt-{topic}-{os.getpid()}",
+        "bootstrap.servers": bootstrap, "transactional.id": f"bench-pt-{topic}-{os.getpid()}-{run}",
         "linger.ms": 5, "batch.num.messages": 10_000, "compression.type": "lz4",
         "queue.buffering.max.messages": 200_000,
     })
@@ -121,23 +129,29 @@ def _worker_settings(bootstrap: str, topic: str, group: str, args, drift: bool =
         topics={"scores": f"{topic}-scores", "dlq": f"{topic}-dlq", "drift": f"{topic}-drift"},
         model={"path": str(MODEL_PATH)},
         batching={"max_batch_size": args.max_batch_size, "max_batch_delay_ms": 20, "max_inflight_batches": 4},
-        inference={"threads": args.threads},
+        inference={"processes": args.processes, "threads": args.threads},
         transactions={"commit_interval_ms": 100},
         drift={"enabled": drift},
     )
 
 
-def _run_worker_until(pipeline: Pipeline, stop_when) -> None:
+def _run_worker_until(pipeline: Pipeline, stop_when) -> float:
+    """Run the pipeline until ``stop_when()``; the scoring processes' summed peak RSS (MiB)."""
+    scoring_peak = [0.0]
+
     def watch():
         deadline = time.monotonic() + PHASE_TIMEOUT_S
         while time.monotonic() < deadline and not stop_when():
             time.sleep(0.01)
+        # Read before the stop: the scoring processes end with the pipeline.
+        scoring_peak[0] = sum(_rss_peak_mb(pid) for pid in pipeline.pool.pids)
         pipeline.request_stop()
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     pipeline.run()
     t.join()
+    return scoring_peak[0]
 
 
 def worker_throughput(bootstrap: str, topic: str, count: int, args, drift: bool = True, run: int = 0) -> dict:
@@ -147,28 +161,79 @@ def worker_throughput(bootstrap: str, topic: str, count: int, args, drift: bool 
     _rss_reset()
     committed = {"n": 0}
     # Stop once everything consumed has been emitted and committed.
-    _run_worker_until(
+    scoring_peak = _run_worker_until(
         pipeline,
         lambda: pipeline.stats.consumed >= count and not pipeline._inflight
         and not pipeline.producer.in_transaction and pipeline.stats.commits > 0,
     )
     st = pipeline.stats
+    # The scoring processes have their own copy of the model: their peak counts too.
+    peak = _rss_peak_mb() + scoring_peak
     committed["n"] = st.scored + st.dead_letters
     secs = (st.last_commit_at or 0) - (st.first_fetch_at or 0)
     return {
         "events": committed["n"], "scored": st.scored, "dead_letters": st.dead_letters, "seconds": secs,
         "eps": committed["n"] / max(1e-9, secs), "mean_batch": st.batch_events / max(1, st.batches),
-        "commits": st.commits, "peak_rss_mb": _rss_peak_mb(),
+        "commits": st.commits, "peak_rss_mb": peak,
     }
 
 
-def _read_scores(bootstrap: str, topic: str, count: int, seconds: float, conn) -> None:
+# Where the feeder writes each event's send time, in values pre-generated with this start_ts.
+_TS_FIELD = b'"ts":'
+_EVENT_TS_FIELD = b'"event_ts":'
+
+
+def _feed(bootstrap: str, topic: str, count: int, rate: float, seed: int, reader_ready=None) -> None:
+    """In its own process: offer ``count`` flow events at ``rate`` events/s, each stamped when sent.
+
+    Generating telemetry costs about 6 us per event, more than the worker spends on it:
+    generated while sending, at half the worker's rate the feeder itself fell behind and the
+    latency measured the feeder. So the events are generated first, and sending only writes
+    the send time into each one's ``ts``. Sending starts once the producer is connected
+    and the reader has its partitions: a backlog built while either connects would be
+    measured as the worker's latency.
+    """
+    from workers import telemetry
+
+    values = [(key, value) for key, value, _ in telemetry.generate(kind="flow", count=count, seed=seed, start_ts=1e9)]
+    p = Producer({
+        "bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+        "batch.num.messages": 10_000, "compression.type": "lz4", "queue.buffering.max.messages": 500_000,
+    })
+    p.list_topics(topic, timeout=30)  # connected (the idempotent producer gets its id right after)
+    if reader_ready is not None:
+        reader_ready.wait(60)
+    time.sleep(0.2)
+    start = time.monotonic()
+    for sent, (key, value) in enumerate(values, 1):
+        a = value.index(_TS_FIELD) + len(_TS_FIELD)
+        b = value.index(b",", a)
+        value = b"".join((value[:a], repr(time.time()).encode(), value[b:]))
+        while True:
+            try:
+                p.produce(topic, value, key)
+                break
+            except BufferError:
+                p.poll(0.01)
+        ahead = sent / rate - (time.monotonic() - start)
+        if ahead > 0.002:
+            p.poll(ahead)
+    if p.flush(60):
+        raise SystemExit(f"feeder: {len(p)} events not acknowledged")
+
+
+def _read_scores(bootstrap: str, topic: str, count: int, seconds: float, conn, ready=None) -> None:
     """In its own process: time from each event's ts to its score being readable (read_committed)."""
     c = Consumer({
         "bootstrap.servers": bootstrap, "group.id": f"bench-reader-{topic}", "auto.offset.reset": "earliest",
         "isolation.level": "read_committed", "enable.auto.commit": False,
     })
-    c.subscribe([f"{topic}-scores"])
+
+    def assigned(consumer, partitions):
+        if ready is not None:
+            ready.set()
+
+    c.subscribe([f"{topic}-scores"], on_assign=assigned)
     deadline = time.monotonic() + seconds + 60
     seen: list[float] = []
     while len(seen) < count and time.monotonic() < deadline:
@@ -181,7 +246,14 @@ def _read_scores(bootstrap: str, topic: str, count: int, seconds: float, conn) -
         now = time.time()
         for m in msgs:
             if m.error() is None:
-                seen.append(now - orjson.loads(m.value())["event_ts"])
+                # event_ts is a number or null; slicing it out keeps the reader's cost per
+                # record well under a JSON parse (the reader shares the CPU with what it measures)
+                v = m.value()
+                a = v.rindex(_EVENT_TS_FIELD) + len(_EVENT_TS_FIELD)
+                try:
+                    seen.append(now - float(v[a:v.index(b",", a)]))
+                except ValueError:  # null: no timestamp to measure from
+                    pass
     c.close()
     conn.send(seen)
 
@@ -195,15 +267,14 @@ def latency_at_rate(bootstrap: str, topic: str, rate: float, seconds: float, arg
     # would compete with the orchestrator thread for the GIL and measure themselves.
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    reader = ctx.Process(target=_read_scores, args=(bootstrap, topic, count, seconds, child), daemon=True)
+    reader_ready = ctx.Event()
+    reader = ctx.Process(target=_read_scores, args=(bootstrap, topic, count, seconds, child, reader_ready), daemon=True)
     reader.start()
-    feeder = subprocess.Popen(
-        [sys.executable, "-m", "workers", "produce", "--bootstrap-servers", bootstrap, "--topic", topic,
-         "--count", str(count), "--rate", str(rate), "--seed", "99"], stdout=subprocess.DEVNULL,
-    )
+    feeder = ctx.Process(target=_feed, args=(bootstrap, topic, count, rate, 99, reader_ready), daemon=True)
+    feeder.start()
     # The reader's result is larger than a pipe buffer: it is done when its result is ready
     # (waiting for it to exit would deadlock on the send).
-    _run_worker_until(pipeline, lambda: feeder.poll() is not None and parent.poll())
+    _run_worker_until(pipeline, lambda: not feeder.is_alive() and parent.poll())
     seen = parent.recv() if parent.poll(5) else []
     reader.join(5)
     # Discard the first second: group join and warm-up are not steady state.
@@ -231,14 +302,17 @@ def run_bench(args) -> int:
         ensure_topics(admin, [topic, f"{topic}-lat"], args.partitions)
         print(f"bench: preloading {args.events} events into {topic} ({args.partitions} partitions) ...", flush=True)
         _preload(bootstrap, topic, args.events, seed=1)
-        pt = passthrough(bootstrap, topic, f"{topic}-pt-out", args.events)
-        print(f"bench: pass-through ceiling  {pt['eps']:10.0f} events/s ({pt['events']} in {pt['seconds']:.2f}s)", flush=True)
-        # Drift on (the default) and off, alternating; the best of `repeat` runs of each, so the
-        # comparison is not decided by what else the machine did during one run.
-        on, off = [], []
+        # Rounds of ceiling, worker (drift on, the default) and worker (drift off); the best of
+        # `repeat` runs of each, so no comparison is decided by what else the machine did during one run.
+        pts, on, off = [], [], []
         for run in range(args.repeat):
+            pts.append(passthrough(bootstrap, topic, f"{topic}-pt-out", args.events, run=run))
             on.append(worker_throughput(bootstrap, topic, args.events, args, drift=True, run=run))
             off.append(worker_throughput(bootstrap, topic, args.events, args, drift=False, run=run))
+            print(f"bench: round {run + 1}/{args.repeat}: ceiling {pts[-1]['eps']:.0f}, worker {on[-1]['eps']:.0f} "
+                  f"(drift off {off[-1]['eps']:.0f}) events/s", flush=True)
+        pt = max(pts, key=lambda r: r["eps"])
+        print(f"bench: pass-through ceiling  {pt['eps']:10.0f} events/s ({pt['events']} in {pt['seconds']:.2f}s)", flush=True)
         wk = max(on, key=lambda r: r["eps"])
         wk_off = max(off, key=lambda r: r["eps"])
         wk["peak_rss_mb"] = max(r["peak_rss_mb"] for r in on)
@@ -257,7 +331,9 @@ def run_bench(args) -> int:
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "broker": "devbroker" if args.bootstrap_servers is None else args.bootstrap_servers,
             "passthrough": pt, "worker": wk, "worker_no_drift": wk_off, "drift_on_off_ratio": drift_ratio,
-            "runs": {"drift_on": on, "drift_off": off}, "ratio": ratio, "latency": lat,
+            "runs": {"passthrough": pts, "drift_on": on, "drift_off": off}, "ratio": ratio, "latency": lat,
+            "settings": {"processes": args.processes, "threads": args.threads, "max_batch_size": args.max_batch_size,
+                         "partitions": args.partitions, "events": args.events, "repeat": args.repeat},
         }
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))

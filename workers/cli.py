@@ -279,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--partitions", type=int, default=4)
     b.add_argument("--latency-seconds", type=float, default=10.0)
     b.add_argument("--max-batch-size", type=int, default=2048)
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--repeat", type=int, default=2, help="worker runs with drift on and off, alternating; best of each")
+    b.add_argument("--processes", type=int, default=1, help="[inference] processes (0 = score on threads)")
+    b.add_argument("--threads", type=int, default=1, help="[inference] threads (with --processes 0)")
+    b.add_argument("--repeat", type=int, default=2,
+                   help="rounds of ceiling, worker with drift on, worker with drift off; best of each")
     b.add_argument("--json", type=Path, default=None, help="also write the results here")
     b.set_defaults(func=_cmd_bench)
 
