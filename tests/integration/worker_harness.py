@@ -61,8 +61,11 @@ class WorkerProc:
     log_path: Path
     proc: subprocess.Popen | None = None
     exits: list[int] = field(default_factory=list)
+    _log_from: int = 0  # where the latest incarnation's log begins
 
     def start(self) -> "WorkerProc":
+        # one killed before it started logs no start line: look only at the latest's
+        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workers", "run"], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
@@ -72,9 +75,8 @@ class WorkerProc:
 
     def wait_started(self, timeout: float = 60.0) -> None:
         """Wait until the latest incarnation has logged its start (signal handlers are set)."""
-        starts = len(self.exits) + 1
-        wait_until(lambda: self.log().count('"worker started"') >= starts or not self.alive(), timeout,
-                   what="the worker to start")
+        wait_until(lambda: b'"worker started"' in self.log_path.read_bytes()[self._log_from:] or not self.alive(),
+                   timeout, what="the worker to start")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
