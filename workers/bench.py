@@ -203,7 +203,10 @@ def _feed(bootstrap: str, topic: str, count: int, rate: float, seed: int, reader
     """
     from workers import telemetry
 
-    values = [(key, value) for key, value, _ in telemetry.generate(kind="flow", count=count, seed=seed, start_ts=1e9)]
+    values = []
+    for key, value, _ in telemetry.generate(kind="flow", count=count, seed=seed, start_ts=1e9):
+        a = value.index(_TS_FIELD) + len(_TS_FIELD)
+        values.append((key, value[:a], value[value.index(b",", a):]))  # around the ts value
     # A full collection over the pre-generated events would stall sending and make it burst after.
     gc.freeze()
     gc.disable()
@@ -221,12 +224,10 @@ def _feed(bootstrap: str, topic: str, count: int, rate: float, seed: int, reader
     time.sleep(0.2)
     start = time.monotonic()
     stamp = b""
-    for sent, (key, value) in enumerate(values, 1):
+    for sent, (key, head, tail) in enumerate(values, 1):
         if sent % FEED_STAMP_EVERY == 1:
             stamp = repr(time.time()).encode()
-        a = value.index(_TS_FIELD) + len(_TS_FIELD)
-        b = value.index(b",", a)
-        value = b"".join((value[:a], stamp, value[b:]))
+        value = head + stamp + tail
         while True:
             try:
                 p.produce(topic, value, key)
