@@ -22,7 +22,7 @@ Per batch:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -57,8 +57,6 @@ class ScoredBatch:
     drift: DriftCounts | None    # counts of the scored rows; None when drift is off
     queue_wait_s: float = 0.0    # submitted -> scoring started
     infer_s: float = 0.0         # the backend calls
-    score_s: float = 0.0         # the whole of :meth:`BatchScorer.score`
-    failed: dict[int, str] = field(default_factory=dict)  # row -> inference error (also in rejects)
 
 
 class BatchScorer:
@@ -125,11 +123,9 @@ class BatchScorer:
             src_partitions = [partitions[i] for i in pos]
             src_offsets = [offsets[i] for i in pos]
         records = self.encoder.encode(event_ids, scores, src_topics, src_partitions, src_offsets, event_ts, time.time())
-        end = time.monotonic()
         return ScoredBatch(
             records, positions, rejects, event_ts, drift,
-            queue_wait_s=max(0.0, start - submitted_at) if submitted_at is not None else 0.0,
-            infer_s=infer_s, score_s=end - start, failed=failed,
+            queue_wait_s=max(0.0, start - submitted_at) if submitted_at is not None else 0.0, infer_s=infer_s,
         )
 
     def _infer(self, matrix: np.ndarray) -> tuple[np.ndarray, dict[int, str], float]:
