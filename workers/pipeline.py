@@ -39,7 +39,6 @@ import os
 import time
 from collections import Counter, deque
 from concurrent.futures import BrokenExecutor, Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +63,11 @@ log = logging.getLogger(__name__)
 # Longest single consume() call: bounds how late a signal, a commit deadline or
 # a completed batch is noticed.
 MAX_POLL_WAIT_S = 0.1
+# Longest consume() wait while batches are in flight: results are read between polls (the
+# scoring processes' pipes are worked by this thread), so this bounds how late one is seen.
+INFLIGHT_POLL_WAIT_S = 0.005
+# ... and while a batch waits for room in a scoring process's pipe, which must not idle for it.
+WRITING_POLL_WAIT_S = 0.001
 # While the in-flight queue is full, wait this long on the oldest batch before looking again
 # (at the commit interval, a signal, and, once paused, the group membership through a poll).
 BACKPRESSURE_WAIT_S = 0.01
@@ -301,7 +305,9 @@ class Pipeline:
             if self._txn_started_at is not None:
                 wait = min(wait, max(0.0, self._txn_started_at + commit_interval - now))
             if self._inflight:
-                wait = min(wait, 0.005)
+                wait = min(wait, INFLIGHT_POLL_WAIT_S)
+                if self.pool.writing:
+                    wait = min(wait, WRITING_POLL_WAIT_S)
             msgs = self._consume(batcher.room, wait)
             now = time.monotonic()
             if not msgs and not self._inflight and not len(batcher) and self._txn_started_at is not None:
@@ -394,14 +400,9 @@ class Pipeline:
         inflight = self._inflight
         while inflight:
             fut = inflight[0].future
-            if not fut.done():
-                if block_s <= 0:
-                    return
-                try:
-                    fut.result(timeout=block_s)
-                except FutureTimeout:
-                    return
-                block_s = 0.0
+            if not self.pool.wait(fut, block_s):
+                return
+            block_s = 0.0
             batch = inflight.popleft()
             self.pool.collected()
             try:

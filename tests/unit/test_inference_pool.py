@@ -137,3 +137,58 @@ def test_scoring_processes_exit_when_the_worker_is_killed(tmp_path):
         assert not any(_alive(p) for p in pids), "scoring processes outlived a SIGKILLed worker"
     finally:
         proc.kill()
+
+
+def test_batches_larger_than_a_pipe_queue_up_and_come_back_whole_and_in_order():
+    # Each task is several MiB pickled: the orchestrator writes what the pipe takes and keeps
+    # the rest, never blocking; every batch must still arrive whole, in order.
+    big = b'{"event_id": "' + b"x" * (3 << 20) + b'"}'
+    batches = [[big] + b for b in _batches(6, 50, 0.0)]
+    pool = ScoringPool(CONFIG, processes=1)
+    try:
+        pool.start(timeout=120)
+        t0 = time.monotonic()
+        futs = [pool.submit(b, "flows", [0] * len(b), list(range(len(b)))) for b in batches]
+        assert time.monotonic() - t0 < 2.0, "submit blocked on a full pipe"
+        assert pool.writing, "18 MiB of tasks cannot all be in the pipe yet"
+        for b, fut in zip(batches, futs):
+            out = fut.result(timeout=60)
+            pool.collected()
+            assert [r.position for r in out.rejects] == [0]  # the oversized value, by position
+            assert [orjson.loads(r)["event_id"] for r in out.records] == [orjson.loads(v)["event_id"] for v in b[1:]]
+        assert not pool.writing
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_with_cancel_drops_queued_batches_and_finishes_the_running_one(monkeypatch):
+    monkeypatch.setenv("SLUICE_TEST_BACKEND_DELAY_S", "0.3")
+    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=1)
+    pool.start(timeout=120)
+    batch = _batches(1, 10, 0.0)[0]
+    futs = [pool.submit(batch, "flows", [0] * 10, list(range(10))) for _ in range(5)]
+    time.sleep(0.1)  # the first is running
+    t0 = time.monotonic()
+    pool.shutdown(wait=True, cancel=True)
+    # What was already in the pipe is scored; nothing queued past it is.
+    assert time.monotonic() - t0 < 5 * 0.3
+    assert futs[0].done() and not futs[0].cancelled() and len(futs[0].result().records) == 10
+    assert any(f.cancelled() for f in futs)
+    assert not _alive(pool.pids[0])
+
+
+def test_an_idle_scoring_process_that_dies_fails_the_next_batch_at_once():
+    pool = ScoringPool(CONFIG, processes=2)
+    try:
+        pool.start(timeout=120)
+        os.kill(pool.pids[1], signal.SIGKILL)
+        time.sleep(0.3)
+        batch = _batches(1, 10, 0.0)[0]
+        futs = [pool.submit(batch, "flows", [0] * 10, list(range(10))) for _ in range(2)]
+        with pytest.raises(BrokenExecutor, match=f"scoring process {pool.pids[1]} was killed by signal 9"):
+            for fut in futs:
+                fut.result(timeout=10)
+        with pytest.raises(BrokenExecutor):  # and every batch after it
+            pool.submit(batch, "flows", [0] * 10, list(range(10))).result(timeout=1)
+    finally:
+        pool.shutdown()
