@@ -192,3 +192,32 @@ def test_an_idle_scoring_process_that_dies_fails_the_next_batch_at_once():
             pool.submit(batch, "flows", [0] * 10, list(range(10))).result(timeout=1)
     finally:
         pool.shutdown()
+
+
+def test_shutdown_lets_a_running_batch_finish_while_an_idle_process_stops(monkeypatch):
+    monkeypatch.setenv("SLUICE_TEST_BACKEND_DELAY_S", "0.5")
+    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=2)
+    pool.start(timeout=120)
+    fut = pool.submit(_batches(1, 10, 0.0)[0], "flows", [0] * 10, list(range(10)))
+    time.sleep(0.1)
+    pool.shutdown(wait=True)  # the idle process exits first; that is no loss
+    assert len(fut.result(timeout=0).records) == 10
+    with pytest.raises(BrokenExecutor, match="shut down"):
+        pool.submit([b"{}"], "flows", [0], [0]).result(timeout=1)
+
+
+class _TwoArgError(Exception):
+    def __init__(self, code, text):
+        super().__init__(f"{code}: {text}")
+
+
+def test_an_exception_that_cannot_be_unpickled_still_reaches_the_worker_as_text():
+    from multiprocessing import Pipe
+    import pickle
+
+    from workers.inference.pool import _send
+
+    reader, writer = Pipe(duplex=False)
+    assert _send(writer, ("raised", _TwoArgError(7, "backend on fire")))
+    kind, exc = pickle.loads(reader.recv_bytes())
+    assert kind == "raised" and isinstance(exc, RuntimeError) and str(exc) == "_TwoArgError: 7: backend on fire"

@@ -179,8 +179,13 @@ def _send(conn: Connection, message: tuple) -> bool:
     """Write one message to the worker; False once the worker's end is gone."""
     try:
         payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        if message[0] == "raised":
+            # Some exceptions pickle but do not unpickle (an __init__ with other arguments):
+            # the worker must still learn what failed.
+            pickle.loads(payload)
     except Exception as exc:  # noqa: BLE001 - e.g. an exception carrying an unpicklable value
-        payload = pickle.dumps(("raised", RuntimeError(f"{message[0]}: unpicklable result: {exc!r}")))
+        what = message[1] if message[0] == "raised" else exc
+        payload = pickle.dumps(("raised", RuntimeError(f"{type(what).__name__}: {what}")))
     try:
         conn.send_bytes(payload)
     except OSError:  # BrokenPipeError: the worker is gone
@@ -260,6 +265,7 @@ class _ScoringProcess:
         self.waiting: deque[_BatchFuture] = deque()  # sent or buffered, unanswered, in order
         self.polled_out = False           # the pool's poller watches `tasks` for room
         self.sent = 0                     # tasks begun in the pipe and not answered yet
+        self.retired = False              # stopped (or lost): its pipes are out of the poller
 
     def write(self) -> None:
         """Put as much of the buffered tasks into the pipe as it takes now (never blocks).
@@ -427,42 +433,57 @@ class ScoringPool:
         """Write what the task pipes take and read every result that has arrived (never blocks)."""
         if self._broken is not None:
             return
-        for proc in self._procs:
+        for proc in self._live():
             try:
                 proc.write()
             except OSError:  # BrokenPipeError: the process is gone
                 self._break(proc)
                 return
-        while self._broken is None:
-            events = [(fd, ev) for fd, ev in self._poller.poll(0) if fd in self._by_results]
+        answered = False
+        while True:
+            events = [fd for fd, _ in self._poller.poll(0) if fd in self._by_results]
             if not events:
                 break
-            for fd, _ in events:
+            for fd in events:
                 proc = self._by_results[fd]
                 try:
                     # Readable: a message (written whole by now, or being written) or EOF.
-                    message = pickle.loads(proc.results.recv_bytes())
+                    data = proc.results.recv_bytes()
                 except (EOFError, OSError):
+                    if self._stopping and not proc.waiting and not proc.out:
+                        self._retire(proc)  # it was told to stop, and did
+                        continue
                     self._break(proc)
                     return
-                if proc.waiting:
-                    proc.sent -= 1
-                    fut = proc.waiting.popleft()
-                    if message[0] == "ok":
-                        fut.set_result(message[1])
-                    else:
-                        fut.set_exception(message[1])
-        for proc in self._procs:  # an answered task makes room for the next
-            if proc.out and proc.sent < TASKS_AHEAD:
+                if not proc.waiting:
+                    continue
+                proc.sent -= 1
+                answered = True
+                fut = proc.waiting.popleft()
+                try:
+                    kind, value = pickle.loads(data)
+                except Exception as exc:  # noqa: BLE001 - this batch fails; the stream stays in step
+                    kind, value = "raised", RuntimeError(f"unreadable scoring result: {type(exc).__name__}: {exc}")
+                if fut.cancelled():
+                    continue
+                if kind == "ok":
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+        if answered:
+            for proc in self._live():  # an answered task makes room for the next
                 try:
                     proc.write()
                 except OSError:
                     self._break(proc)
                     return
 
+    def _live(self) -> list[_ScoringProcess]:
+        return [p for p in self._procs if not p.retired]
+
     def _sleep(self, timeout: float | None) -> None:
         """Until a result arrives, a pipe has room for buffered tasks, or ``timeout``."""
-        for proc in self._procs:
+        for proc in self._live():
             # Room in a pipe matters only for a task already begun (others wait for a result).
             if proc.begun != proc.polled_out:
                 if proc.begun:
@@ -472,22 +493,30 @@ class ScoringPool:
                 proc.polled_out = proc.begun
         self._poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
 
+    def _retire(self, proc: _ScoringProcess) -> None:
+        """No poll may report this process's pipes again (they may be closed and reused)."""
+        for conn in (proc.results, proc.tasks):
+            try:
+                self._poller.unregister(conn.fileno())
+            except (KeyError, OSError, ValueError):
+                pass
+        self._by_results = {fd: p for fd, p in self._by_results.items() if p is not proc}
+        proc.polled_out = False
+        proc.retired = True
+
     def _break(self, proc: _ScoringProcess) -> None:
         """A scoring process is gone: fail everything in flight (the worker stops, exit 70)."""
-        self._broken = proc.died() if not self._stopping else "the scoring pool was shut down"
-        if not self._stopping:
-            log.error("scoring process lost", extra={"reason": self._broken})
+        self._broken = proc.died()
+        log.error("scoring process lost" + (" during shutdown" if self._stopping else ""),
+                  extra={"reason": self._broken})
         for p in self._procs:
             p.out.clear()
+            p.begun, p.written, p.sent = False, 0, 0
             while p.waiting:
-                p.waiting.popleft().set_exception(BrokenProcessPool(self._broken))
-        for p in self._procs:  # no poll may report these pipes again
-            for conn in (p.results, p.tasks):
-                try:
-                    self._poller.unregister(conn.fileno())
-                except (KeyError, OSError, ValueError):
-                    pass
-            p.polled_out = False
+                fut = p.waiting.popleft()
+                if not fut.cancelled():
+                    fut.set_exception(BrokenProcessPool(self._broken))
+            self._retire(p)
 
     def collected(self) -> None:
         """The orchestrator took one result (keeps `idle` exact without a lock)."""
@@ -526,6 +555,7 @@ class ScoringPool:
         else:
             self._exchange()  # the stop frames, as far as the pipes take them
         for proc in self._procs:
+            self._retire(proc)
             proc.close()  # a process not yet told sees EOF (or EPIPE) and exits
             if wait:
                 proc.process.join(max(0.0, deadline - time.monotonic()))
@@ -536,5 +566,8 @@ class ScoringPool:
         for proc in self._procs:
             while proc.waiting:
                 fut = proc.waiting.popleft()
-                if not fut.cancel():
+                if not fut.cancel() and not fut.done():
                     fut.set_exception(BrokenProcessPool("the scoring pool was shut down"))
+            if proc.process.exitcode is not None:
+                proc.process.close()
+        self._broken = self._broken or "the scoring pool was shut down"
