@@ -133,6 +133,8 @@ class Stats:
     lag: int = 0
     max_psi: float = math.nan
     recent_latency: deque = field(default_factory=lambda: deque(maxlen=64))  # numpy arrays, last batches
+    # When a list: every batch's (emit time, latencies) too (the bench's whole-run percentiles).
+    latency_log: list | None = None
 
     def latency_quantile(self, q: float) -> float:
         if not self.recent_latency:
@@ -449,6 +451,8 @@ class Pipeline:
             latency = latency[np.isfinite(latency)]
             self.metrics.e2e_latency.observe_many(latency)
             self.stats.recent_latency.append(latency)
+            if self.stats.latency_log is not None:
+                self.stats.latency_log.append((time.monotonic(), latency))
             self.stats.scored += n
             self._scored_counter.inc(n)
 
