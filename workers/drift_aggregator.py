@@ -45,6 +45,7 @@ import orjson
 from workers.drift import (
     DELTA_TYPE, DriftSettings, RefBins, build_report, load_reference, merge_into, empty_state, window_start,
 )
+from workers.kafka import settings as kafka_settings
 
 log = logging.getLogger("sluice.drift")
 
@@ -235,11 +236,11 @@ def load_config(path: str | Path | None):
 # ----------------------------------------------------------------------------- faust app
 
 
-def _topic_partitions(bootstrap: str, topic: str, create_partitions: int, timeout: float = 30.0) -> int:
+def _topic_partitions(admin_conf: dict, topic: str, create_partitions: int, timeout: float = 30.0) -> int:
     """Partition count of ``topic``, creating it (``create_partitions``) when it does not exist."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(admin_conf)
     deadline = time.monotonic() + timeout
     created = False
     while True:
@@ -264,15 +265,23 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
     import faust
 
     bootstrap = settings.kafka.bootstrap_servers
+    # [kafka] client (TLS, SASL) applies here too: librdkafka's names for the admin client,
+    # translated for faust and aiokafka (a setting they cannot honour fails the start).
+    security = kafka_settings.aiokafka_security(settings)
+    if security.ignored:
+        log.warning("[kafka] client settings without a faust/aiokafka equivalent are ignored by the aggregator",
+                    extra={"settings": list(security.ignored)})
+    admin_conf = kafka_settings.admin_config(settings)
     source_name = settings.topics.drift
-    parts = _topic_partitions(bootstrap, source_name, settings.topics.partitions or 1)
-    report_parts = _topic_partitions(bootstrap, drift.reports_topic, parts)
+    parts = _topic_partitions(admin_conf, source_name, settings.topics.partitions or 1)
+    report_parts = _topic_partitions(admin_conf, drift.reports_topic, parts)
     ticks_name = f"{drift.group_id}-ticks"
-    _topic_partitions(bootstrap, ticks_name, parts)
+    _topic_partitions(admin_conf, ticks_name, parts)
     brokers = [f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()]
     app = faust.App(
         drift.group_id,
         broker=brokers,
+        broker_credentials=security.faust_credentials(),
         store="memory://",
         processing_guarantee="exactly_once",   # transactions + read_committed
         topic_partitions=parts,
@@ -327,7 +336,8 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
         from aiokafka import AIOKafkaProducer
 
         if not tick_producer:
-            prod = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+            prod = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
+                                    **security.producer_kwargs())
             await prod.start()
             tick_producer.append(prod)
         for p in range(parts):

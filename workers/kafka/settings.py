@@ -1,4 +1,4 @@
-"""librdkafka settings for the worker's clients.
+"""Kafka client settings: librdkafka's for the worker, aiokafka's for the drift aggregator.
 
 Each non-default setting carries a comment saying why. The pass-through table
 ``[kafka] client`` (security.protocol, sasl.*, ssl.*, ...) is applied to every
@@ -7,9 +7,11 @@ client, then the settings exactly-once depends on are applied on top.
 
 from __future__ import annotations
 
+import ssl
+from dataclasses import dataclass
 from typing import Any
 
-from workers.config import Settings
+from workers.config import ConfigError, Settings
 
 
 def common(settings: Settings) -> dict[str, Any]:
@@ -84,3 +86,89 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 
 def admin_config(settings: Settings) -> dict[str, Any]:
     return common(settings)
+
+
+# ------------------------------------------------------------- faust / aiokafka (drift aggregator)
+
+# The [kafka] client settings the drift aggregator's clients (faust and aiokafka, not librdkafka)
+# can honour. Any other security setting fails its start: connecting without a setting the
+# operator asked for (a CA, a mechanism) could mean connecting with less security than meant.
+AIOKAFKA_SECURITY_KEYS = (
+    "security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.password",
+    "ssl.ca.location", "ssl.certificate.location", "ssl.key.location", "ssl.key.password",
+    "ssl.endpoint.identification.algorithm",
+)
+_SECURITY_PREFIXES = ("security.", "sasl.", "ssl.")
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class AioSecurity:
+    """``[kafka] client``'s security settings, in the terms of aiokafka and faust."""
+
+    protocol: str = "PLAINTEXT"
+    mechanism: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    ignored: tuple[str, ...] = ()  # non-security librdkafka settings these clients do not have
+
+    def producer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``aiokafka.AIOKafkaProducer``."""
+        kw: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.ssl_context is not None:
+            kw["ssl_context"] = self.ssl_context
+        if self.mechanism is not None:
+            kw.update(sasl_mechanism=self.mechanism, sasl_plain_username=self.username,
+                      sasl_plain_password=self.password)
+        return kw
+
+    def faust_credentials(self) -> Any:
+        """``broker_credentials`` for ``faust.App`` (None for PLAINTEXT)."""
+        import faust
+
+        if self.mechanism is not None:
+            return faust.SASLCredentials(username=self.username, password=self.password,
+                                         ssl_context=self.ssl_context, mechanism=self.mechanism)
+        if self.ssl_context is not None:
+            return faust.SSLCredentials(self.ssl_context)
+        return None
+
+
+def aiokafka_security(settings: Settings) -> AioSecurity:
+    """Translate ``[kafka] client`` for the drift aggregator; ConfigError names what it cannot honour."""
+    client = dict(settings.kafka.client)
+    unsupported = sorted(k for k in client if k.startswith(_SECURITY_PREFIXES) and k not in AIOKAFKA_SECURITY_KEYS)
+    if unsupported:
+        raise ConfigError(
+            f"[kafka] client: {', '.join(unsupported)} not supported by the drift aggregator (faust/aiokafka); "
+            f"it supports {', '.join(AIOKAFKA_SECURITY_KEYS)}"
+        )
+    protocol = str(client.get("security.protocol", "PLAINTEXT")).upper()
+    if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+        raise ConfigError(f"[kafka] client: security.protocol = {protocol!r} is not a Kafka security protocol")
+    mechanism = None
+    username = password = None
+    if protocol.startswith("SASL_"):
+        mechanism = str(client.get("sasl.mechanism", client.get("sasl.mechanisms", "GSSAPI"))).upper()
+        if mechanism not in _SASL_MECHANISMS:
+            raise ConfigError(f"[kafka] client: sasl.mechanism = {mechanism!r} is not supported by the drift "
+                              f"aggregator; it supports {', '.join(_SASL_MECHANISMS)}")
+        username, password = client.get("sasl.username"), client.get("sasl.password")
+        if not username or not password:
+            raise ConfigError(f"[kafka] client: sasl.mechanism {mechanism} needs sasl.username and sasl.password")
+        username, password = str(username), str(password)
+    context = None
+    if protocol.endswith("SSL"):
+        try:
+            context = ssl.create_default_context(cafile=client.get("ssl.ca.location"))
+            cert = client.get("ssl.certificate.location")
+            if cert:
+                context.load_cert_chain(cert, client.get("ssl.key.location"), client.get("ssl.key.password"))
+        except (OSError, ssl.SSLError) as exc:  # a missing file, a key that does not match, ...
+            raise ConfigError(f"[kafka] client: cannot build the TLS context from ssl.*: {exc}") from None
+        # librdkafka verifies the broker's host name unless this is "none"; so does this context.
+        if str(client.get("ssl.endpoint.identification.algorithm", "https")).lower() == "none":
+            context.check_hostname = False
+    ignored = tuple(sorted(k for k in client if not k.startswith(_SECURITY_PREFIXES) and k != "client.id"))
+    return AioSecurity(protocol, mechanism, username, password, context, ignored)
