@@ -422,7 +422,7 @@ class ScoringPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._exchange()
-            if Future.done(fut):
+            if fut.done():
                 return True
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
