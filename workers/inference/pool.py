@@ -431,14 +431,8 @@ class ScoringPool:
 
     def _exchange(self) -> None:
         """Write what the task pipes take and read every result that has arrived (never blocks)."""
-        if self._broken is not None:
+        if self._broken is not None or not self._write_all():
             return
-        for proc in self._live():
-            try:
-                proc.write()
-            except OSError:  # BrokenPipeError: the process is gone
-                self._break(proc)
-                return
         answered = False
         while True:
             events = [fd for fd, _ in self._poller.poll(0) if fd in self._by_results]
@@ -471,12 +465,17 @@ class ScoringPool:
                 else:
                     fut.set_exception(value)
         if answered:
-            for proc in self._live():  # an answered task makes room for the next
-                try:
-                    proc.write()
-                except OSError:
-                    self._break(proc)
-                    return
+            self._write_all()  # an answered task makes room for the next
+
+    def _write_all(self) -> bool:
+        """Each process's buffered tasks, as far as its pipe takes them; False if one is gone."""
+        for proc in self._live():
+            try:
+                proc.write()
+            except OSError:  # BrokenPipeError: the process is gone
+                self._break(proc)
+                return False
+        return True
 
     def _live(self) -> list[_ScoringProcess]:
         return [p for p in self._procs if not p.retired]
