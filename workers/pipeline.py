@@ -49,6 +49,7 @@ from confluent_kafka.admin import AdminClient
 from workers.batching import MicroBatcher
 from workers.config import Settings
 from workers.drift import DriftAccumulator
+from workers.exit_codes import ExitCode
 from workers.features import ModelSpec
 from workers.inference.pool import ScoringPool
 from workers.kafka import settings as kafka_settings
@@ -80,10 +81,10 @@ BACKPRESSURE_PAUSE_AFTER_S = 1.0
 # Resume paused partitions once in-flight batches drop to this share of the limit,
 # so pause/resume does not flap at the boundary.
 RESUME_FRACTION = 0.5
-# Exit codes the loop can end with (the CLI documents the full table).
-EXIT_FENCED = 3      # producer or consumer fenced by another process with this replica id
-EXIT_TEMPFAIL = 75   # the cluster failed us (e.g. committed offsets unreadable); a restart may succeed
-EXIT_SOFTWARE = 70   # an unexpected error (a bug): the open transaction is aborted, nothing committed is lost
+# Exit codes the loop can end with (the full table: workers/exit_codes.py).
+EXIT_FENCED = ExitCode.FENCED      # producer or consumer fenced by another process with this replica id
+EXIT_TEMPFAIL = ExitCode.TEMPFAIL  # the cluster failed us (e.g. committed offsets unreadable); a restart may succeed
+EXIT_SOFTWARE = ExitCode.SOFTWARE  # an unexpected error (a bug): the open transaction is aborted, nothing committed is lost
 
 # Fetching committed offsets when rewinding after an abort.
 COMMITTED_TIMEOUT_S = 15.0
@@ -652,10 +653,10 @@ class Pipeline:
             if committed:
                 log.info("drained and committed; closing", extra=self._summary())
                 self._close(abort=False)
-                return 0
+                return ExitCode.OK
         log.warning("shutdown forced, deadline passed or last commit failed; aborting", extra=self._summary())
         self._close(abort=True)
-        return 143 if self._force_stop else 1
+        return ExitCode.FORCED_STOP if self._force_stop else ExitCode.FAILURE
 
     def _close(self, abort: bool) -> None:
         if self.producer is not None and abort:
