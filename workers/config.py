@@ -15,14 +15,25 @@ wrong type or out of range, and an unknown ``SLUICE_*__*`` variable all raise
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
-import tomllib
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli (pyproject's fallback)
+    import tomli as tomllib
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from workers.exit_codes import ConfigError
 
 ENV_PREFIX = "SLUICE_"
 ENV_DELIMITER = "__"
@@ -40,10 +51,6 @@ _RESERVED_CLIENT_KEYS = {
     "enable.idempotence": "transactions require idempotence",
     "partition.assignment.strategy": "revocation handling is written for cooperative-sticky",
 }
-
-
-class ConfigError(ValueError):
-    """Configuration that cannot run; the message names the key and the fix."""
 
 
 class _Section(BaseModel):
@@ -186,8 +193,18 @@ class MetricsSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level, in any case (debug, INFO, Warning, ...)."
+    )
     format: Literal["auto", "json", "text"] = Field("auto", description="auto = JSON unless stderr is a terminal.")
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _any_case(cls, v: Any, info: Any) -> Any:
+        # Operators write `level = "info"` as often as "INFO"; both mean the same.
+        if isinstance(v, str):
+            return v.upper() if info.field_name == "level" else v.lower()
+        return v
 
 
 class DriftSettings(_Section):
@@ -239,8 +256,6 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
 
-    _toml_path: ClassVar[Path | None] = None
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -250,10 +265,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
-        return tuple(sources)
+        # Only what load_settings passes in: it reads the TOML file and the environ mapping it
+        # was given itself, so loading never reads (or temporarily rewrites) os.environ or any
+        # class attribute, and two threads may load two configurations at once.
+        return (init_settings,)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Settings":
@@ -272,72 +287,194 @@ def _env_key(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
 
 
-def _check_unknown_env(environ: dict[str, str]) -> None:
-    """Refuse SLUICE_<SECTION>__<KEY> variables that name no setting (a typo would be ignored)."""
+# Name parts that mark a value as a credential: never echoed in errors or check-config.
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "pem", "credential", "passphrase", "apikey")
+# Settings whose value embeds credentials although no part of their name says so.
+_SECRET_NAMES = {"sasl.jaas.config", "sasl.oauthbearer.config"}
+# How much of a bad value an error message quotes: enough to recognise it, not a whole blob.
+SAMPLE_CHARS = 60
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a setting or variable named ``name`` holds a credential (password, secret, key, token ...).
+
+    ``ssl.key.location`` (a path) is not a secret; ``ssl.key.password``, ``ssl.key.pem`` and
+    ``api_key`` are.
+    """
+    lowered = name.lower()
+    if lowered in _SECRET_NAMES:
+        return True
+    parts = [p for p in re.split(r"[._\-]+", lowered) if p]
+    return bool(parts) and (parts[-1] == "key" or any(w in p for p in parts for w in _SECRET_WORDS))
+
+
+# "key": "value" or "key": bare-token inside JSON (valid or not), so credentials can be masked in a sample.
+_JSON_PAIR = re.compile(r'"(?P<key>[^"\\]*)"(?P<sep>\s*:\s*)(?P<value>"(?:[^"\\]|\\.)*"?|[^,}\]\s]+)')
+
+
+def sample(value: str, name: str = "") -> str:
+    """A short, quoted sample of ``value`` for an error message, with credentials masked.
+
+    The whole value is masked when ``name`` is secret-ish; inside JSON (even malformed), the
+    value of every secret-ish key (``sasl.password`` ...) is.
+    """
+    if is_secret_key(name):
+        return "'***'"
+
+    def mask(m: re.Match) -> str:
+        if is_secret_key(m.group("key")):
+            return f'"{m.group("key")}"{m.group("sep")}"***"'
+        return m.group(0)
+
+    masked = _JSON_PAIR.sub(mask, value)
+    if len(masked) > SAMPLE_CHARS:
+        masked = masked[:SAMPLE_CHARS] + "..."
+    return repr(masked)
+
+
+def _is_complex(annotation: Any) -> bool:
+    """Whether a field's environment value is JSON (lists, tables), as pydantic-settings decides it."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_complex(a) for a in typing.get_args(annotation) if a is not type(None))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return (origin or annotation) in (list, dict, set, tuple, frozenset)
+
+
+def _expected(annotation: Any) -> str:
+    """What a JSON environment value for ``annotation`` must look like, with an example."""
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (list, set, tuple, frozenset):
+        return 'a JSON array, e.g. \'["flows"]\''
+    if origin is dict:
+        return 'a JSON object, e.g. \'{"security.protocol": "SASL_SSL"}\''
+    return "a JSON object of the section's keys"
+
+
+def _json_env(name: str, raw: str, annotation: Any) -> Any:
+    """Decode a JSON environment value, or raise ConfigError naming the variable and the fix."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{name}: expected {_expected(annotation)}; got {sample(raw, name)} (not valid JSON: {exc})"
+        ) from None
+    origin = typing.get_origin(annotation) or annotation
+    want = list if origin in (list, set, tuple, frozenset) else dict
+    if not isinstance(value, want):
+        raise ConfigError(f"{name}: expected {_expected(annotation)}; got {sample(raw, name)} "
+                          f"(a JSON {type(value).__name__})")
+    return value
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], tuple[str, str]]]:
+    """``SLUICE_<SECTION>__<KEY>[__<SUBKEY>]`` variables as nested settings, and where each came from.
+
+    Refuses variables that name no setting (a typo would be ignored) and JSON values that
+    do not decode. The second result maps a setting's location to (variable, raw value).
+    """
     sections = Settings.model_fields
-    for name in environ:
+    out: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], tuple[str, str]] = {}
+    for name in sorted(environ):
+        raw = environ[name]
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or ENV_DELIMITER not in upper:
+        if not upper.startswith(ENV_PREFIX):
             continue
-        section, _, key = upper[len(ENV_PREFIX):].partition(ENV_DELIMITER)
+        rest = upper[len(ENV_PREFIX):]
+        if ENV_DELIMITER not in rest:
+            # SLUICE_<SECTION>='{...}' sets a whole section; any other SLUICE_X (SLUICE_TEST_BROKER,
+            # SLUICE_TENSORRT_CACHE_DIR, ...) belongs to someone else.
+            if rest.lower() in sections:
+                section = rest.lower()
+                _deep_merge(out, {section: _json_env(name, raw, sections[section].annotation)})
+                origins[(section,)] = (name, raw)
+            continue
+        section, _, key = rest.partition(ENV_DELIMITER)
         field = sections.get(section.lower())
         if field is None:
             raise ConfigError(f"{name}: unknown section {section.lower()!r}; known: {', '.join(sections)}")
         model = field.annotation
-        top_key = key.split(ENV_DELIMITER, 1)[0].lower()
-        if isinstance(model, type) and issubclass(model, BaseModel) and top_key not in model.model_fields:
-            raise ConfigError(
-                f"{name}: unknown key {section.lower()}.{top_key}; known: {', '.join(model.model_fields)}"
-            )
+        path = [section.lower(), *(p.lower() for p in key.split(ENV_DELIMITER))]
+        sub = model.model_fields.get(path[1]) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if sub is None:
+            raise ConfigError(f"{name}: unknown key {path[0]}.{path[1]}; known: {', '.join(model.model_fields)}")
+        value: Any = raw
+        if len(path) == 2 and _is_complex(sub.annotation):
+            value = _json_env(name, raw, sub.annotation)
+        elif len(path) > 2 and (typing.get_origin(sub.annotation) or sub.annotation) is not dict:
+            raise ConfigError(f"{name}: {path[0]}.{path[1]} is not a table; set {_env_key(path[0], path[1])}")
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        _deep_merge(out, nested)
+        origins[tuple(path)] = (name, raw)
+    return out, origins
 
 
-def _format_error(err: dict[str, Any], path: Path | None) -> str:
+def _deep_merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``into``, tables key by key (a later source wins per key)."""
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = dict(v) if isinstance(v, Mapping) else v
+    return into
+
+
+def _format_error(err: dict[str, Any], path: Path | None,
+                  origins: Mapping[tuple[str, ...], tuple[str, str]] | None = None) -> str:
     loc = [str(p) for p in err.get("loc", ())]
     key = ".".join(loc) if loc else "(root)"
-    where = f" in {path}" if path else ""
+    origin = None
+    for n in range(len(loc), 0, -1):  # the most specific variable that set this value
+        origin = (origins or {}).get(tuple(loc[:n]))
+        if origin:
+            break
+    if origin:
+        src = f" (from {origin[0]}={sample(origin[1], origin[0])})"
+    else:
+        src = f" in {path}" if path else ""
     if err.get("type") == "extra_forbidden":
-        return f"{key}: unknown key{where}; remove it or check its spelling (see `sluice check-config --reference`)"
-    hint = ""
-    if len(loc) >= 2:
-        hint = f" (set [{loc[0]}] {loc[1]}{where} or {_env_key(loc[0], loc[1])})"
-    msg = err.get("msg", "invalid")
-    if key == "(root)" or msg.startswith("Value error, "):
-        msg = msg.removeprefix("Value error, ")
-        return f"{msg}{where}" if key == "(root)" else f"{key}: {msg}{hint}"
+        return f"{key}: unknown key{src}; remove it or check its spelling (see `sluice check-config --reference`)"
+    hint = src
+    if not origin and len(loc) >= 2:
+        hint = f" (set [{loc[0]}] {loc[1]}{src} or {_env_key(loc[0], loc[1])})"
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    if key == "(root)":
+        return f"{msg}{src}"
     return f"{key}: {msg}{hint}"
 
 
-def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-    """Load and validate settings from ``path`` (TOML) and the environment.
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings from ``path`` (TOML), ``environ`` and ``overrides``.
 
-    Raises :class:`ConfigError` with one line per problem, each naming the key.
+    Precedence, highest first: ``overrides`` (keyword arguments, one per section), ``environ``
+    (default: a snapshot of ``os.environ``), the file, the defaults. Nothing process-wide is
+    read after the snapshot or written, so concurrent calls do not interfere.
+
+    Raises :class:`ConfigError` with one line per problem, each naming the key (and the
+    environment variable that set it, with a sample of its value, credentials masked).
     """
     environ = dict(os.environ) if environ is None else environ
     toml_path = Path(path) if path is not None else None
+    merged: dict[str, Any] = {}
     if toml_path is not None:
         if not toml_path.is_file():
             raise ConfigError(f"config file {toml_path} does not exist")
         try:
-            tomllib.loads(toml_path.read_text(encoding="utf-8"))
+            merged = tomllib.loads(toml_path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{toml_path}: not valid TOML: {exc}") from exc
-    _check_unknown_env(environ)
-    saved_env = None
-    if environ is not os.environ:
-        saved_env = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(environ)
-    Settings._toml_path = toml_path
+    from_env, origins = _env_overrides(environ)
+    _deep_merge(merged, from_env)
+    _deep_merge(merged, overrides)
     try:
-        return Settings(**overrides)
+        return Settings(**merged)
     except ValidationError as exc:
-        lines = [_format_error(e, toml_path) for e in exc.errors()]
+        lines = [_format_error(e, toml_path, origins) for e in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
-    finally:
-        Settings._toml_path = None
-        if saved_env is not None:
-            os.environ.clear()
-            os.environ.update(saved_env)
 
 
 def reference() -> str:
