@@ -17,7 +17,13 @@ class TopicError(RuntimeError):
 
 
 def partition_counts(admin: AdminClient, timeout: float = METADATA_TIMEOUT_S) -> dict[str, int]:
-    md = admin.list_topics(timeout=timeout)
+    """Partitions per existing topic; raises KafkaException when the cluster does not answer."""
+    try:
+        md = admin.list_topics(timeout=timeout)
+    finally:
+        # An admin client's librdkafka log lines (its `logger`) are only delivered by poll():
+        # serve them now, or the lines saying why the metadata request failed would be lost.
+        admin.poll(0)
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 

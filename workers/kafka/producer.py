@@ -87,6 +87,8 @@ class TransactionalProducer:
         try:
             self._producer.init_transactions(timeout)
         except KafkaException as exc:
+            # The client's log lines (why it failed) are delivered by poll(): serve them first.
+            self._producer.poll(0)
             raise FatalProducerError(f"init_transactions failed: {exc.args[0].str()}") from exc
 
     def begin(self) -> None:

@@ -12,16 +12,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.config import ConfigError, Settings
+from workers.logs import kafka_logger
 
 
 def common(settings: Settings) -> dict[str, Any]:
+    """Settings every librdkafka client of the worker shares (consumer, producer, admin)."""
     conf: dict[str, Any] = dict(settings.kafka.client)
     conf["bootstrap.servers"] = settings.kafka.bootstrap_servers
     conf.setdefault("client.id", f"sluice-{settings.kafka.replica_id}")
+    # librdkafka's log lines go through the worker's structured logger (JSON, client name,
+    # repeats rate-limited) instead of raw %3|...| lines on stderr.
+    conf["logger"] = kafka_logger()
     return conf
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
+    """The transactional worker's consumer: read_committed, no auto commit, static membership."""
     k = settings.kafka
     conf = common(settings)
     conf.update(
@@ -60,6 +66,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
+    """The worker's transactional producer (transactional.id derived from the replica id)."""
     k = settings.kafka
     conf = common(settings)
     conf.update(
@@ -85,6 +92,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 
 
 def admin_config(settings: Settings) -> dict[str, Any]:
+    """The admin client's settings: the shared ones only."""
     return common(settings)
 
 

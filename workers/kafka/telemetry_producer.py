@@ -8,6 +8,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from workers import telemetry
+from workers.logs import kafka_logger
 
 # Flush at the end waits for every acknowledgement; a broker that stops
 # answering for this long fails the command instead of hanging it.
@@ -15,7 +16,7 @@ FINAL_FLUSH_TIMEOUT_S = 120.0
 
 
 class ProduceFailed(RuntimeError):
-    pass
+    """Some records were not acknowledged (the message says how many and the first error)."""
 
 
 def produce_telemetry(
@@ -45,6 +46,8 @@ def produce_telemetry(
             "batch.num.messages": 10_000,
             "queue.buffering.max.messages": 500_000,
             "compression.type": "lz4",
+            # librdkafka's lines through the structured logger, repeats rate-limited.
+            "logger": kafka_logger(),
         }
     )
     producer = Producer(conf)
