@@ -12,30 +12,101 @@
 
 from __future__ import annotations
 
+# Only light standard-library modules and workers' own small ones at import: main() installs
+# the SIGTERM/SIGINT handlers before pydantic, numpy, onnxruntime and librdkafka load (1-2 s).
+# With them imported up here, a SIGTERM during that time killed the worker with the default
+# action (exit status -15) instead of stopping it cleanly. Heavy imports live in the commands.
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
 
-from workers import logs
-from workers.config import ConfigError, load_settings, reference
+from workers import __version__
+from workers.exit_codes import (
+    BrokerUnavailable,
+    ConfigError,
+    ExitCode,
+    MetricsPortError,
+    ModelLoadError,
+    ScoringStartFailed,
+    StartupError,
+    TopicMissing,
+    exit_code_for,
+)
 
 log = logging.getLogger("sluice")
 
-# Exit codes (systemd / Kubernetes): 0 drained and committed; 1 drain deadline passed or last
-# commit failed (aborted); 2 bad configuration or model (retrying will not help); 3 fenced or
-# fatal producer error; 70 unexpected error (a bug; aborted); 75 cannot start for now or the
-# cluster failed (unreachable, topic missing, offsets unreadable); 143 forced by a second signal.
-EXIT_CONFIG = 2
-EXIT_TEMPFAIL = 75
+# Exit codes: workers/exit_codes.py (ExitCode) is the table; README.md "Exit codes" documents it.
+
+# Signals received before a command took over signal handling (while modules import).
+_EARLY_SIGNALS: list[int] = []
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _early_signal(signum: int, _frame) -> None:
+    _EARLY_SIGNALS.append(signum)
+
+
+def _install_early_handlers() -> dict[int, object]:
+    """Record SIGTERM/SIGINT from now on; return the handlers they replace.
+
+    Outside the main thread (main() called from a test's thread) signals cannot be
+    handled, so nothing is installed.
+    """
+    previous: dict[int, object] = {}
+    try:
+        for sig in _STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, _early_signal)
+    except ValueError:  # not the main thread
+        pass
+    return previous
+
+
+def _signal_exit_code(signals: list[int]) -> ExitCode:
+    """How a command that does not drain ends when stopped by ``signals``."""
+    return ExitCode.INTERRUPTED if signal.SIGINT in signals else ExitCode.FORCED_STOP
+
+
+def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None:
+    """The typed start-up error for an exception from Pipeline.start(), or None if unexpected.
+
+    Which failures are worth a restart is decided by type here and mapped to exit codes in
+    workers/exit_codes.py, not by broad exception families (a scoring process that hangs
+    is not bad configuration).
+    """
+    from confluent_kafka import KafkaException
+
+    from workers.inference import BackendUnavailable
+    from workers.inference.pool import ScoringStartError
+    from workers.kafka.admin import TopicError
+    from workers.kafka.producer import FatalProducerError
+
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, TopicError):
+        return TopicMissing(f"{exc} (bootstrap servers: {bootstrap})")
+    if isinstance(exc, (KafkaException, FatalProducerError)):
+        detail = exc.args[0].str() if isinstance(exc, KafkaException) else str(exc)
+        return BrokerUnavailable(f"the cluster at bootstrap servers {bootstrap} did not answer: {detail}")
+    if isinstance(exc, ScoringStartError):
+        # The pool reports a hang ("... within Ns") or a dead process ("failed to start") the
+        # same way as a model that cannot load; only the latter is the configuration's fault.
+        text = str(exc)
+        if "within" in text or "failed to start" in text:
+            return ScoringStartFailed(text)
+        return ModelLoadError(text)
+    if isinstance(exc, (ValueError, BackendUnavailable)):
+        return ModelLoadError(str(exc))
+    return None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    # Signals first: a SIGTERM while the model loads or transactions initialise must
-    # stop the worker cleanly, not kill it with the default action.
-    signals: list[int] = []
+    # main() installed handlers that record signals while the modules below load; from here on
+    # a signal also stops the pipeline once it exists.
+    signals: list[int] = _EARLY_SIGNALS
     pipeline = None
 
     def on_signal(signum, _frame):
@@ -44,29 +115,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if pipeline is not None:
             pipeline.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, on_signal)
 
-    from confluent_kafka import KafkaException
-
-    from workers.kafka.admin import TopicError
-    from workers.kafka.producer import FatalProducerError
-    from workers.metrics import Metrics, MetricsServer
-    from workers.pipeline import Pipeline
+    from workers import logs
+    from workers.config import load_settings
 
     settings = load_settings(args.config)
     logs.setup(settings.logging.level, settings.logging.format)
+    if signals:
+        log.info("stopped before starting", extra={"signal": signal.Signals(signals[0]).name,
+                                                   "exit_code": int(ExitCode.OK)})
+        return ExitCode.OK
+
+    from workers.metrics import Metrics, MetricsServer
+    from workers.pipeline import Pipeline
+
     metrics = Metrics()
     try:
         server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port).start()
     except OSError as exc:
-        print(f"sluice: cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {exc}; "
-              "set [metrics] port (0 = any free port)", file=sys.stderr)
-        return EXIT_CONFIG
+        err = MetricsPortError(f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {exc}; "
+                               "set [metrics] port (0 = any free port)")
+        print(f"sluice: {err}", file=sys.stderr)
+        return exit_code_for(err)
     log.info("metrics server listening", extra={"host": settings.metrics.host, "port": server.port})
     # Hand signals over to the pipeline with signals blocked, so one arriving in between is
     # neither lost nor replayed twice (two stops would force an abort).
-    blocked = {signal.SIGTERM, signal.SIGINT}
+    blocked = set(_STOP_SIGNALS)
     signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     p = Pipeline(settings, metrics)
     for _ in signals[:2]:  # arrived before the pipeline existed
@@ -76,17 +152,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         try:
             pipeline.start()
-        except (TopicError, FatalProducerError, KafkaException) as exc:
-            # The cluster is unreachable, a topic is missing, init_transactions failed:
-            # may pass on a retry, so a supervisor should keep restarting (EX_TEMPFAIL).
-            log.error("cannot start (temporary)", extra={"error": f"{type(exc).__name__}: {exc}"})
-            print(f"sluice: cannot start: {exc}", file=sys.stderr)
-            return EXIT_TEMPFAIL
-        except (OSError, ValueError, RuntimeError) as exc:
-            # Bad model folder, backend or device not installed: retrying will not help.
-            log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
-            print(f"sluice: cannot start: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+        except Exception as exc:  # noqa: BLE001 - typed below; an unknown one exits 70 with its traceback
+            err = _as_startup_error(exc, settings.kafka.bootstrap_servers)
+            code = exit_code_for(err if err is not None else exc)
+            fields = {"error": f"{type(exc).__name__}: {exc}", "exit_code": int(code),
+                      "bootstrap_servers": settings.kafka.bootstrap_servers}
+            if err is None:
+                log.exception("cannot start: unexpected error", extra=fields)
+            else:
+                log.error("cannot start", extra={**fields, "error": f"{type(err).__name__}: {err}"})
+            print(f"sluice: cannot start: {err if err is not None else exc}", file=sys.stderr)
+            return code
         log.info(
             "worker started",
             extra={"group": settings.kafka.group_id, "replica": settings.kafka.replica_id,
@@ -98,23 +174,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from workers.config import is_secret_key, load_settings, reference
+
     if args.reference:
         print(reference())
-        return 0
+        return ExitCode.OK
     settings = load_settings(args.config)
     doc = settings.model_dump(mode="json")
     # The effective config ends up in terminals and CI logs: never print credentials.
-    doc["kafka"]["client"] = {
-        k: ("***" if any(w in k for w in ("password", "secret", "pem", "token")) else v)
-        for k, v in doc["kafka"]["client"].items()
-    }
+    doc["kafka"]["client"] = {k: ("***" if is_secret_key(k) else v) for k, v in doc["kafka"]["client"].items()}
     doc["kafka"]["transactional_id (derived)"] = settings.kafka.transactional_id
     doc["kafka"]["group_instance_id (derived)"] = settings.kafka.group_instance_id
     print(json.dumps(doc, indent=2))
-    return 0
+    return ExitCode.OK
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
+    from workers import logs
     from workers.kafka.telemetry_producer import ProduceFailed, produce_telemetry
 
     logs.setup("INFO", "auto")
@@ -127,16 +203,19 @@ def _cmd_produce(args: argparse.Namespace) -> int:
             seed=args.seed, bad_fraction=args.bad_fraction, **extra,
         )
     except ProduceFailed as exc:
-        print(f"produce: {exc}", file=sys.stderr)
-        return 1
+        print(f"produce: {exc} (bootstrap servers: {args.bootstrap_servers})", file=sys.stderr)
+        return ExitCode.FAILURE
     print(f"produce: acknowledged={n} topic={args.topic}")
-    return 0
+    return ExitCode.OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # Like `run`, the demo handles SIGINT/SIGTERM itself (stop, check what was produced so far,
+    # exit 130); signals that arrived while it was importing are handed over.
     from workers.demo import run_demo
 
-    return run_demo(duration=args.duration, rate=args.rate, partitions=args.partitions)
+    return run_demo(duration=args.duration, rate=args.rate, partitions=args.partitions,
+                    early_signals=_EARLY_SIGNALS)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -159,14 +238,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
             models = [describe_model(p) for p in discover(args.root)]
         except ValueError as exc:
             print(f"sluice models list: {exc}", file=sys.stderr)
-            return 2
+            return ExitCode.CONFIG
         if args.json:
             print(json.dumps(models, indent=1))
         else:
             for m in models:
                 print(f"{m['name']:<20} {m['version']:<8} kind={m['event_kind']:<6} {m['path']:<28} "
                       f"backends={','.join(f'{b}:{d}' for b, ds in m['devices'].items() for d in ds)}")
-        return 0
+        return ExitCode.OK
     report = check_model(args.path, events=args.events)
     if args.json:
         print(json.dumps({"path": str(args.path), "ok": report.ok, "checks": report.items}, indent=1))
@@ -174,7 +253,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         for i in report.items:
             print(f"{i['status']:<4}  {i['check']}: {i['detail']}")
         print(f"models check: {'ok' if report.ok else 'FAILED'} ({args.path})")
-    return 0 if report.ok else 1
+    return ExitCode.OK if report.ok else ExitCode.FAILURE
 
 
 def _load_backend(args: argparse.Namespace):
@@ -194,7 +273,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     spec, backend = _load_backend(args)
     if backend is None:
-        return 2
+        return ExitCode.CONFIG
     backend.warmup([1, args.batch_size])
     dead = open(args.dead_letters, "w", encoding="utf-8") if args.dead_letters else sys.stderr
     try:
@@ -207,19 +286,19 @@ def _cmd_score(args: argparse.Namespace) -> int:
                 fh = open(path, "rb")
             except OSError as exc:
                 print(f"sluice score: cannot read {path}: {exc}", file=sys.stderr)
-                return 2
+                return ExitCode.CONFIG
             source = path.name
             with fh:
                 counts = score_lines(spec, backend, fh, source, sys.stdout.buffer, dead, args.batch_size)
     except BrokenPipeError:  # e.g. | head
-        return 0
+        return ExitCode.OK
     finally:
         if dead is not sys.stderr:
             dead.close()
     reasons = " ".join(f"{k}={v}" for k, v in sorted(counts["by_reason"].items()))
     print(f"score: model={spec.name} {spec.version} source={source} lines={counts['lines']} scored={counts['scored']} "
           f"dead_letters={counts['dead_letters']}" + (f" ({reasons})" if reasons else ""), file=sys.stderr)
-    return 0
+    return ExitCode.OK
 
 
 def _cmd_bench_inference(args: argparse.Namespace) -> int:
@@ -227,7 +306,7 @@ def _cmd_bench_inference(args: argparse.Namespace) -> int:
 
     spec, backend = _load_backend(args)
     if backend is None:
-        return 2
+        return ExitCode.CONFIG
     sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     rows = bench_inference(spec, backend, sizes, seconds=args.seconds)
     result = {"model": spec.name, "version": spec.version, "backend": backend.describe(), "results": rows}
@@ -241,100 +320,165 @@ def _cmd_bench_inference(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['batch_size']:>7} {r['rows_per_s']:>12,.0f} {r['latency_ms_p50']:>9.3f} "
                   f"{r['latency_ms_p99']:>9.3f} {r['latency_us_per_row']:>8.3f}")
-    return 0
+    return ExitCode.OK
+
+# Choices, spelled out here so that `sluice --help` and argument checking import nothing heavy;
+# tests/unit/test_cli_parser.py checks them against workers.telemetry.KINDS and the backend registry.
+TELEMETRY_KINDS = ("auth", "flow")
+BACKENDS = ("onnxruntime", "onnxruntime-tensorrt", "tensorrt", "torch")
+DEVICES = ("cpu", "cuda", "cuda:N")
+_PLUGIN_BACKEND = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _backend(value: str) -> str:
+    if value in BACKENDS or _PLUGIN_BACKEND.fullmatch(value):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {value!r} (choose from {', '.join(BACKENDS)}, or package.module:factory)")
+
+
+def _device(value: str) -> str:
+    if _DEVICE.fullmatch(value):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from cpu, cuda, cuda:N)")
+
+
+def _fraction(value: str) -> float:
+    f = float(value)
+    if not 0.0 <= f <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not within 0..1")
+    return f
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    f = float(value)
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return f
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sluice", description="Exactly-once streaming inference from Kafka to Kafka.")
-    sub = p.add_subparsers(dest="command", required=True)
+    """The ``sluice`` argument parser: every option has help text, closed sets have choices."""
+    p = argparse.ArgumentParser(
+        prog="sluice", description="Exactly-once streaming inference from Kafka to Kafka.",
+        epilog="Exit codes: 0 ok, 1 failed (aborted), 2 bad configuration or usage, 3 fenced, 70 internal error, "
+               "75 temporary (cluster unreachable), 130 interrupted, 143 forced stop. See README.md.",
+    )
+    p.add_argument("--version", action="version", version=f"sluice {__version__}", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run the worker")
-    r.add_argument("--config", type=Path, help="TOML config file (SLUICE_<SECTION>__<KEY> overrides)")
-    r.set_defaults(func=_cmd_run)
+    r.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML config file (SLUICE_<SECTION>__<KEY> overrides; default: environment and defaults only)")
+    r.set_defaults(func=_cmd_run, takes_signals=True)
 
     c = sub.add_parser("check-config", help="validate and print the effective config")
-    c.add_argument("--config", type=Path)
+    c.add_argument("--config", type=Path, metavar="FILE", help="TOML config file to validate (with the environment)")
     c.add_argument("--reference", action="store_true", help="print every setting with its default and env variable")
     c.set_defaults(func=_cmd_check_config)
 
     pr = sub.add_parser("produce", help="produce synthetic security telemetry")
-    pr.add_argument("--bootstrap-servers", required=True)
-    pr.add_argument("--topic", required=True)
-    pr.add_argument("--kind", default="flow", help="flow | auth")
-    pr.add_argument("--count", type=int, required=True)
-    pr.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--bad-fraction", type=float, default=0.0, help="share of malformed records, 0..1")
+    pr.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT[,...]", help="Kafka bootstrap servers")
+    pr.add_argument("--topic", required=True, help="topic to produce to (must exist or be auto-created)")
+    pr.add_argument("--kind", default="flow", choices=TELEMETRY_KINDS, help="event kind (default flow)")
+    pr.add_argument("--count", type=_positive_int, required=True, help="number of events")
+    pr.add_argument("--rate", type=_positive_float, default=None,
+                    help="events per second (default: as fast as possible)")
+    pr.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same events")
+    pr.add_argument("--bad-fraction", type=_fraction, default=0.0, help="share of malformed records, 0..1")
     pr.add_argument("--drift", type=float, default=0.0, help="shift distributions by this magnitude (0 = training)")
     pr.set_defaults(func=_cmd_produce)
 
     d = sub.add_parser("demo", help="run the worker on an embedded devbroker with synthetic traffic")
-    d.add_argument("--duration", type=float, default=30.0, help="seconds of traffic (the demo stops by itself)")
-    d.add_argument("--rate", type=float, default=5000.0, help="events per second offered")
-    d.add_argument("--partitions", type=int, default=4)
-    d.set_defaults(func=_cmd_demo)
+    d.add_argument("--duration", type=_positive_float, default=30.0,
+                   help="seconds of traffic, at most 60 (the demo stops by itself)")
+    d.add_argument("--rate", type=_positive_float, default=5000.0, help="events per second offered")
+    d.add_argument("--partitions", type=_positive_int, default=4, help="partitions of the input topic")
+    d.set_defaults(func=_cmd_demo, takes_signals=True)
 
     b = sub.add_parser("bench", help="worker events/s vs. a pass-through transactional loop, latency, RSS")
-    b.add_argument("--bootstrap-servers", default=None, help="a running cluster (default: an embedded devbroker)")
-    b.add_argument("--events", type=int, default=200_000)
-    b.add_argument("--partitions", type=int, default=4)
-    b.add_argument("--latency-seconds", type=float, default=10.0)
-    b.add_argument("--max-batch-size", type=int, default=2048)
+    b.add_argument("--bootstrap-servers", default=None, metavar="HOST:PORT[,...]",
+                   help="a running cluster (default: an embedded devbroker)")
+    b.add_argument("--events", type=_positive_int, default=200_000, help="events preloaded and measured per round")
+    b.add_argument("--partitions", type=_positive_int, default=4, help="partitions of the preloaded topic")
+    b.add_argument("--latency-seconds", type=float, default=10.0, help="length of the latency phase at half load")
+    b.add_argument("--max-batch-size", type=_positive_int, default=2048, help="[batching] max_batch_size of the worker")
     b.add_argument("--processes", type=int, default=1, help="[inference] processes (0 = score on threads)")
-    b.add_argument("--threads", type=int, default=1, help="[inference] threads (with --processes 0)")
-    b.add_argument("--repeat", type=int, default=2,
+    b.add_argument("--threads", type=_positive_int, default=1, help="[inference] threads (with --processes 0)")
+    b.add_argument("--repeat", type=_positive_int, default=2,
                    help="rounds of ceiling, worker with drift on, worker with drift off; best of each")
-    b.add_argument("--json", type=Path, default=None, help="also write the results here")
+    b.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
     b.set_defaults(func=_cmd_bench)
 
     da = sub.add_parser("drift-aggregator", help="merge drift deltas of all replicas into windowed PSI reports (faust)")
-    da.add_argument("--config", type=Path, help="TOML config file with [drift] (SLUICE_<SECTION>__<KEY> overrides)")
+    da.add_argument("--config", type=Path, metavar="FILE",
+                    help="TOML config file with [drift] (SLUICE_<SECTION>__<KEY> overrides)")
     da.set_defaults(func=_cmd_drift_aggregator)
 
     m = sub.add_parser("models", help="list the models or check one (artifacts, schema, ONNX vs torch)")
-    msub = m.add_subparsers(dest="models_command", required=True)
+    msub = m.add_subparsers(dest="models_command", required=True, metavar="list|check")
     ml = msub.add_parser("list", help="the models under models/, with the backends usable here")
     ml.add_argument("--json", action="store_true", help="a JSON array, one object per model")
     ml.add_argument("--root", type=Path, default=None, help="a folder of model folders (default: the repository's models/)")
     ml.set_defaults(func=_cmd_models)
     mc = msub.add_parser("check", help="artifacts match the manifest, schema and features agree, ONNX equals torch")
     mc.add_argument("path", type=Path, help="a models/<name> folder")
-    mc.add_argument("--events", type=int, default=4000, help="generated events to check with")
-    mc.add_argument("--json", action="store_true")
+    mc.add_argument("--events", type=_positive_int, default=4000, help="generated events to check with")
+    mc.add_argument("--json", action="store_true", help="the checks as one JSON object")
     mc.set_defaults(func=_cmd_models)
 
     def backend_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--model", type=Path, required=True, help="a models/<name> folder")
-        q.add_argument("--backend", default="onnxruntime",
-                       help="onnxruntime | onnxruntime-tensorrt | tensorrt | torch (default onnxruntime)")
-        q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-        q.add_argument("--threads", type=int, default=1, help="intra-op threads of the backend")
+        q.add_argument("--backend", type=_backend, default="onnxruntime", metavar="{" + ",".join(BACKENDS) + "}",
+                       help="inference backend, or package.module:factory (default onnxruntime)")
+        q.add_argument("--device", type=_device, default="cpu", metavar="{" + ",".join(DEVICES) + "}",
+                       help="where the backend runs (default cpu)")
+        q.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads of the backend")
 
     sc = sub.add_parser("score", help="score JSON lines offline: score records (as on the score topic) to stdout")
     backend_args(sc)
-    sc.add_argument("--input", default=None, help="a JSON-lines file (default or '-': stdin)")
-    sc.add_argument("--dead-letters", type=Path, default=None,
+    sc.add_argument("--input", default=None, metavar="FILE", help="a JSON-lines file (default or '-': stdin)")
+    sc.add_argument("--dead-letters", type=Path, default=None, metavar="FILE",
                     help="write invalid lines here as JSON lines (default: stderr)")
-    sc.add_argument("--batch-size", type=int, default=2048)
+    sc.add_argument("--batch-size", type=_positive_int, default=2048, help="lines scored per backend call")
     sc.set_defaults(func=_cmd_score)
 
     bi = sub.add_parser("bench-inference", help="rows/s and latency per batch size for a backend alone")
     backend_args(bi)
-    bi.add_argument("--batch-sizes", default="1,8,64,256,1024,4096")
-    bi.add_argument("--seconds", type=float, default=1.0, help="measuring time per batch size")
-    bi.add_argument("--json", action="store_true")
+    bi.add_argument("--batch-sizes", default="1,8,64,256,1024,4096", metavar="N,N,...",
+                    help="comma-separated batch sizes to measure")
+    bi.add_argument("--seconds", type=_positive_float, default=1.0, help="measuring time per batch size")
+    bi.add_argument("--json", action="store_true", help="the results as one JSON object")
     bi.set_defaults(func=_cmd_bench_inference)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``sluice`` and ``python -m workers``; returns the exit code (workers/exit_codes.py)."""
+    # First of all, before anything heavy is imported (see the imports above).
+    previous = _install_early_handlers()
     args = build_parser().parse_args(argv)
+    if not getattr(args, "takes_signals", False):
+        # Commands that do not drain: Ctrl-C is a KeyboardInterrupt (exit 130) as usual.
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if _EARLY_SIGNALS:
+            return _signal_exit_code(_EARLY_SIGNALS)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except ConfigError as exc:
         print(f"sluice: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":
