@@ -15,7 +15,15 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -26,6 +34,14 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 # The liveness probe fails when the orchestrator loop has not turned for this long
 # (a wedged loop stops heartbeating the group long before that).
 LIVENESS_STALL_S = 60.0
+# Every reason the pipeline aborts a transaction for (the `reason` label of
+# sluice_transactions_aborted_total). Each series exists at 0 from the start, so
+# rate()/increase() and "absent" alerts work before the first abort.
+ABORT_REASONS = ("produce_failed", "commit_failed", "revoke_timeout", "partitions_lost", "shutdown")
+
+# A `<name>_created` sample per counter and histogram series doubles the series count for
+# a timestamp nobody queries (rate() copes with restarts without it). Process-wide switch.
+disable_created_metrics()
 
 
 class BatchHistogram:
@@ -88,6 +104,8 @@ class Metrics:
         r.register(self.e2e_latency)
         self.txn_committed = Counter("sluice_transactions_committed", "Transactions committed.", registry=r)
         self.txn_aborted = Counter("sluice_transactions_aborted", "Transactions aborted.", ["reason"], registry=r)
+        for reason in ABORT_REASONS:
+            self.txn_aborted.labels(reason)
         self.commit_seconds = Histogram(
             "sluice_commit_seconds", "send_offsets + commit_transaction time.", buckets=LATENCY_BUCKETS, registry=r
         )

@@ -6,7 +6,7 @@ import urllib.request
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers.metrics import BatchHistogram, Metrics, MetricsServer
+from workers.metrics import ABORT_REASONS, BatchHistogram, Metrics, MetricsServer
 
 
 def test_batch_histogram_matches_per_value_counting():
@@ -37,3 +37,27 @@ def test_server_serves_metrics_and_probes():
         assert urllib.request.urlopen(base + "/readyz").status == 200
     finally:
         srv.stop()
+
+
+def test_abort_reasons_exist_at_zero_before_the_first_abort():
+    body = Metrics().render().decode()
+    fam = next(f for f in text_string_to_metric_families(body) if f.name == "sluice_transactions_aborted")
+    got = {s.labels["reason"]: s.value for s in fam.samples if s.name == "sluice_transactions_aborted_total"}
+    assert got == {r: 0.0 for r in ABORT_REASONS}
+
+
+def test_the_pipeline_aborts_only_for_listed_reasons():
+    """A reason the pipeline uses but ABORT_REASONS lacks would have no series until it happens."""
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[2] / "workers" / "pipeline.py").read_text()
+    used = set(re.findall(r'_abort_and_rewind\(\s*"([a-z_]+)"', src)) | set(re.findall(r'txn_aborted\.labels\("([a-z_]+)"\)', src))
+    assert used and used <= set(ABORT_REASONS), used - set(ABORT_REASONS)
+
+
+def test_no_created_series():
+    m = Metrics()
+    m.scored.labels("flow").inc()
+    m.batch_size.observe(3)
+    assert "_created" not in m.render().decode()
