@@ -65,6 +65,11 @@ def _install_early_handlers() -> dict[int, object]:
     return previous
 
 
+def _restore_handlers(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def _signal_exit_code(signals: list[int]) -> ExitCode:
     """How a command that does not drain ends when stopped by ``signals``."""
     return ExitCode.INTERRUPTED if signal.SIGINT in signals else ExitCode.FORCED_STOP
@@ -465,11 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sluice`` and ``python -m workers``; returns the exit code (workers/exit_codes.py)."""
     # First of all, before anything heavy is imported (see the imports above).
     previous = _install_early_handlers()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # --help, --version, a usage error (exit 2)
+        _restore_handlers(previous)
+        raise
     if not getattr(args, "takes_signals", False):
         # Commands that do not drain: Ctrl-C is a KeyboardInterrupt (exit 130) as usual.
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore_handlers(previous)
         if _EARLY_SIGNALS:
             return _signal_exit_code(_EARLY_SIGNALS)
     try:
