@@ -75,6 +75,11 @@ def _signal_exit_code(signals: list[int]) -> ExitCode:
     return ExitCode.INTERRUPTED if signal.SIGINT in signals else ExitCode.FORCED_STOP
 
 
+# How workers/inference/pool.py words a scoring process that hung ("... within 600s") or died
+# ("a scoring executor failed to start: ..."), as opposed to relaying the model's load error.
+_SCORING_HANG_OR_DEATH = re.compile(r"\bwithin \d+s$|scoring executor failed to start")
+
+
 def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None:
     """The typed start-up error for an exception from Pipeline.start(), or None if unexpected.
 
@@ -100,7 +105,7 @@ def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None
         # The pool reports a hang ("... within Ns") or a dead process ("failed to start") the
         # same way as a model that cannot load; only the latter is the configuration's fault.
         text = str(exc)
-        if "within" in text or "failed to start" in text:
+        if _SCORING_HANG_OR_DEATH.search(text):
             return ScoringStartFailed(text)
         return ModelLoadError(text)
     if isinstance(exc, (ValueError, BackendUnavailable)):

@@ -64,6 +64,8 @@ def test_scoring_start_failures_are_split_into_hang_or_crash_and_bad_model():
     bad = _as_startup_error(ScoringStartError("BackendUnavailable: no CUDA device"), "k:9092")
     assert exit_code_for(hang) is exit_code_for(died) is ExitCode.SOFTWARE
     assert exit_code_for(bad) is ExitCode.CONFIG
+    worded = _as_startup_error(ScoringStartError("ValueError: output.threshold: must be within [0, 1], got 2"), "k")
+    assert exit_code_for(worded) is ExitCode.CONFIG
 
 
 def test_cluster_errors_name_the_bootstrap_servers():
