@@ -2,12 +2,15 @@
 
 SLUICE_TEST_BROKER selects the broker:
   devbroker (default)  a private devbroker subprocess on a temp data dir
+  kafka                Apache Kafka (KRaft, 1 node) started by `scripts/kafka` on a temp data dir
   testcontainers       apache/kafka via testcontainers' KafkaContainer (skipped without Docker)
   external             an existing cluster at SLUICE_TEST_BOOTSTRAP
 
-Fixtures: `broker` (session; .bootstrap, .kind and, for devbroker, .kill/.stop/.restart/.data_dir),
-`bootstrap`, `new_topic(partitions=1, prefix="t")`, `fresh_broker` (function scope, devbroker only).
-Tests marked `devbroker_only` are skipped on other brokers.
+Fixtures: `broker` (session; .bootstrap, .kind and, for devbroker and kafka,
+.kill/.stop/.start/.restart/.data_dir), `bootstrap`, `new_topic(partitions=1, prefix="t")`,
+`fresh_broker` (function scope: a broker of the session's kind of its own, devbroker or kafka),
+`kafka_cluster` (function scope: a 3-node Apache Kafka, whatever the session's broker).
+Tests marked `devbroker_only` exercise devbroker's internals and are skipped on other brokers.
 """
 
 from __future__ import annotations
@@ -109,6 +112,14 @@ def broker(tmp_path_factory):
             yield _DevBrokerHandle(db)
         finally:
             db.close()
+    elif BROKER_KIND == "kafka":
+        from workers.kafka.apache import ApacheKafka
+
+        cluster = ApacheKafka(str(tmp_path_factory.mktemp("kafka")), brokers=1).start()
+        try:
+            yield cluster
+        finally:
+            cluster.close()
     elif BROKER_KIND == "testcontainers":
         container = _start_testcontainers()
         try:
@@ -122,7 +133,7 @@ def broker(tmp_path_factory):
         yield _ExternalBroker(bootstrap, "external")
     else:
         raise pytest.UsageError(f"unknown SLUICE_TEST_BROKER={BROKER_KIND!r} "
-                                "(devbroker | testcontainers | external)")
+                                "(devbroker | kafka | testcontainers | external)")
 
 
 @pytest.fixture
@@ -135,7 +146,7 @@ def create_topic(bootstrap: str, name: str, partitions: int = 1, timeout: float 
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
+    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=-1,
                                             config=config or {})], operation_timeout=timeout)
     futures[name].result(timeout)
     deadline = time.monotonic() + timeout
@@ -158,8 +169,17 @@ def new_topic(bootstrap):
 
 @pytest.fixture
 def fresh_broker(tmp_path):
+    if BROKER_KIND == "kafka":
+        from workers.kafka.apache import ApacheKafka
+
+        cluster = ApacheKafka(str(tmp_path / "kafka-data"), brokers=1).start()
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+        return
     if BROKER_KIND != "devbroker":
-        pytest.skip(f"fresh_broker needs devbroker (SLUICE_TEST_BROKER={BROKER_KIND})")
+        pytest.skip(f"fresh_broker needs devbroker or kafka (SLUICE_TEST_BROKER={BROKER_KIND})")
     from devbroker import DevBroker
 
     db = DevBroker(data_dir=str(tmp_path / "devbroker-data"), partitions=1)
@@ -168,3 +188,15 @@ def fresh_broker(tmp_path):
         yield _DevBrokerHandle(db)
     finally:
         db.close()
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path):
+    """A 3-node Apache Kafka (replication factor 3, min.insync.replicas 2) for this test alone."""
+    from workers.kafka.apache import ApacheKafka
+
+    cluster = ApacheKafka(str(tmp_path / "kafka-cluster"), brokers=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()

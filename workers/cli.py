@@ -416,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="worker events/s vs. a pass-through transactional loop, latency, RSS")
     b.add_argument("--bootstrap-servers", default=None, metavar="HOST:PORT[,...]",
-                   help="a running cluster (default: an embedded devbroker)")
+                   help="a running cluster (default: a broker the bench starts, see --broker)")
+    b.add_argument("--broker", choices=("devbroker", "kafka"), default="devbroker",
+                   help="the broker the bench starts when no --bootstrap-servers is given: the embedded "
+                        "devbroker, or Apache Kafka through scripts/kafka (fetched once from Maven Central)")
     b.add_argument("--events", type=_positive_int, default=200_000, help="events preloaded and measured per round")
     b.add_argument("--partitions", type=_positive_int, default=4, help="partitions of the preloaded topic")
     b.add_argument("--latency-seconds", type=float, default=10.0, help="length of the latency phase at half load")

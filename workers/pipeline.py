@@ -376,6 +376,12 @@ class Pipeline:
                 # e.g. FENCED_INSTANCE_ID: another process runs with this replica id. librdkafka
                 # delivers it as an error event whose code is _FATAL but whose fatal() is False.
                 raise StopWorker(EXIT_FENCED, f"fatal consumer error: {err.str()}")
+            if err.code() == KafkaError.INVALID_SESSION_TIMEOUT:
+                # The group would never form: retrying with the same setting cannot help.
+                raise StopWorker(ExitCode.CONFIG, f"the broker refuses kafka.session_timeout_ms="
+                                 f"{self.settings.kafka.session_timeout_ms}: it must lie within the broker's "
+                                 "group.min.session.timeout.ms and group.max.session.timeout.ms "
+                                 "(Kafka's defaults: 6000 and 1800000)")
             log.warning("consumer error", extra={"error": err.str(), "code": err.name()})
 
     # -------------------------------------------------------- batch lifecycle
