@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="disable auto topic creation on Metadata/Produce")
     p.add_argument("--initial-rebalance-delay-ms", type=int, default=50,
                    help="group.initial.rebalance.delay.ms (default 50)")
-    p.add_argument("--min-session-timeout-ms", type=int, default=100,
-                   help="group.min.session.timeout.ms (default 100)")
+    p.add_argument("--min-session-timeout-ms", type=int, default=6000,
+                   help="group.min.session.timeout.ms (default 6000, as Kafka)")
     p.add_argument("--max-transaction-timeout-ms", type=int, default=900_000,
                    help="transaction.max.timeout.ms (default 900000)")
     p.add_argument("--message-max-bytes", type=int, default=1_048_588,

@@ -27,8 +27,10 @@ class Config:
     default_partitions: int = 1
     auto_create_topics: bool = True
     initial_rebalance_delay_ms: int = 50
-    min_session_timeout_ms: int = 100
-    max_session_timeout_ms: int = 3_600_000
+    # Kafka's defaults (group.min/max.session.timeout.ms): a client that joins with a session
+    # timeout outside them gets INVALID_SESSION_TIMEOUT here as it would there.
+    min_session_timeout_ms: int = 6_000
+    max_session_timeout_ms: int = 1_800_000
     max_transaction_timeout_ms: int = 900_000
     message_max_bytes: int = 1_048_588  # Kafka's message.max.bytes default (per record batch)
     timer_interval_ms: int = 50

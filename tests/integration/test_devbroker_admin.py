@@ -17,7 +17,11 @@ def test_create_describe_list_delete_topic(bootstrap):
     with pytest.raises(KafkaException) as e:
         admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])[name].result(10)
     assert e.value.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS
-    md = admin.list_topics(timeout=10)
+    # Kafka answers CreateTopics once the controller has the topic; brokers learn it from the
+    # metadata log a moment later, so Metadata may not list it yet (devbroker lists it at once).
+    deadline = time.monotonic() + 10
+    while name not in (md := admin.list_topics(timeout=10)).topics and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(md.topics[name].partitions) == 3
     assert md.cluster_id and len(md.brokers) == 1
     res = ConfigResource(ConfigResource.Type.TOPIC, name)

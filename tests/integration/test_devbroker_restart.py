@@ -16,9 +16,6 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from .readers import read_values
 
 
-pytestmark = pytest.mark.devbroker_only
-
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -81,6 +78,7 @@ def test_new_producer_after_restart_fences_transaction_left_open(fresh_broker):
     assert read_values(b.bootstrap, topic, "read_committed", 1) == [b"new"]
 
 
+@pytest.mark.devbroker_only  # writes into devbroker's own segment files
 def test_torn_tail_after_sigkill_is_truncated(fresh_broker):
     b = fresh_broker
     topic = "torn"
@@ -105,6 +103,7 @@ def _run_cli(*args, timeout=30):
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.devbroker_only  # devbroker's own command line
 def test_cli_contract(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     help_text = subprocess.run([sys.executable, "-m", "devbroker", "--help"], capture_output=True,

@@ -127,7 +127,7 @@ def test_slow_backend_keeps_memory_bounded_and_the_member_in_its_group(bootstrap
     settings = load_settings(
         None, environ={},
         kafka={"bootstrap_servers": bootstrap, "group_id": f"g-{topic}", "input_topics": [topic], "replica_id": "slow",
-               "session_timeout_ms": 3000, "max_poll_interval_ms": 5000},
+               "session_timeout_ms": 6000, "max_poll_interval_ms": 7000},
         topics={"scores": f"{topic}-scores", "dlq": f"{topic}-dlq", "drift": f"{topic}-drift"},
         # 0.4 s per batch of 100 in one scoring process: at most 250 events/s
         model={"path": str(MODEL), "backend": "tests.backends:SlowOnnxRuntime"},
@@ -149,7 +149,7 @@ def test_slow_backend_keeps_memory_bounded_and_the_member_in_its_group(bootstrap
     before_stop = {}
 
     def stop_later():
-        time.sleep(12.0)  # > 2 × max.poll.interval.ms: an orchestrator that stopped polling would be evicted
+        time.sleep(15.0)  # > 2 × max.poll.interval.ms: an orchestrator that stopped polling would be evicted
         for event in ("lost", "revoked"):
             before_stop[event] = pipeline.metrics.rebalances.labels(event)._value.get()
         pipeline.request_stop()
