@@ -9,12 +9,17 @@
 - the config files the manifests ship (ConfigMap, Helm values, compose, systemd env) load
   with ``load_settings`` under the environment the manifests set;
 - every ``.Values.x.y`` path in the Helm templates exists in values.yaml;
-- with ``promtool`` / ``helm`` / ``kubectl`` / ``systemd-analyze`` on PATH, their own checks pass.
+- with ``promtool`` / ``helm`` / ``kubectl`` / ``systemd-analyze`` on PATH or in the cache of
+  scripts/deploy-tools, their own checks pass (tests/deploy/test_deploy_validators.py runs every
+  validator through scripts/check-deploy and builds the tools when they are missing);
+- compose publishes its ports on 127.0.0.1 unless the operator opts in; the dashboard shows
+  `up` and readiness; the image leaves devbroker out.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -40,11 +45,25 @@ PENDING_METRICS: dict[str, set[str]] = {}
 # Labels Prometheus attaches to every scraped series (target and operator labels).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}
 # SLUICE_* variables that are not settings (test harness, documented as such).
-NON_SETTING_ENV = {"SLUICE_TEST_BROKER", "SLUICE_TEST_BOOTSTRAP"}
+NON_SETTING_ENV = {"SLUICE_TEST_BROKER", "SLUICE_TEST_BOOTSTRAP",
+                   # scripts/deploy-tools and scripts/check-deploy (deploy/README.md, "Validating deploy/")
+                   "SLUICE_SKIP_DEPLOY_TOOLS", "SLUICE_TOOLS_DIR", "SLUICE_CACHE_DIR", "SLUICE_K8S_VERSION",
+                   "SLUICE_K8S_SCHEMAS", "SLUICE_CRD_SCHEMAS", "SLUICE_BIN"}
+TOOLS_CACHE = Path(os.environ.get("SLUICE_TOOLS_DIR") or Path.home() / ".cache" / "sluice" / "tools")
 
 _SELECTOR = re.compile(r"\b(sluice_[a-zA-Z0-9_]+)\s*(\{[^}]*\})?")
 _LABEL_MATCH = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 _ENV = re.compile(r"\bSLUICE_[A-Z0-9_]*[A-Z0-9](?![A-Z0-9_]*\*)")
+
+
+def _tool(name: str) -> str | None:
+    """A validator on PATH, or the one scripts/deploy-tools cached (newest version first)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    cached = sorted((p for p in TOOLS_CACHE.glob(f"{name}-*/bin/{name}") if not p.parent.parent.name.endswith(".tmp")),
+                    reverse=True)
+    return str(cached[0]) if cached else None
 
 
 def _deploy_files(*suffixes: str) -> list[Path]:
@@ -298,12 +317,13 @@ def test_helm_template_paths_exist_in_values() -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.skipif(shutil.which("helm") is None, reason="helm not installed")
+@pytest.mark.skipif(_tool("helm") is None, reason="helm not installed (scripts/deploy-tools helm)")
 @pytest.mark.parametrize("flags", [[], ["--set", "keda.enabled=true", "--set", "serviceMonitor.enabled=true",
                                         "--set", "kafka.clientSecret=s", "--set", "keda.useClientSecret=true"]])
 def test_helm_renders(flags: list[str]) -> None:
-    subprocess.run(["helm", "lint", str(HELM), *flags], check=True, capture_output=True)
-    out = subprocess.run(["helm", "template", "t", str(HELM), *flags], check=True, capture_output=True, text=True)
+    helm = _tool("helm")
+    subprocess.run([helm, "lint", str(HELM), *flags], check=True, capture_output=True)
+    out = subprocess.run([helm, "template", "t", str(HELM), *flags], check=True, capture_output=True, text=True)
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     kinds = {d["kind"] for d in docs}
     assert {"StatefulSet", "ConfigMap", "Service"} <= kinds
@@ -314,13 +334,14 @@ def test_helm_renders(flags: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- external tools
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@pytest.mark.skipif(_tool("promtool") is None, reason="promtool not installed (scripts/deploy-tools promtool)")
 def test_promtool_checks(tmp_path: Path) -> None:
-    subprocess.run(["promtool", "check", "rules", str(ALERTS)], check=True, capture_output=True)
+    promtool = _tool("promtool")
+    subprocess.run([promtool, "check", "rules", str(ALERTS)], check=True, capture_output=True)
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (tmp_path / "alerts.yml").write_text(ALERTS.read_text())
-    subprocess.run(["promtool", "check", "config", str(cfg)], check=True, capture_output=True)
+    subprocess.run([promtool, "check", "config", str(cfg)], check=True, capture_output=True)
     # The dashboard's queries are valid PromQL once Grafana's variables are substituted.
     rules = [
         {"record": f"dashboard:query{i}", "expr": e.replace("$__rate_interval", "1m").replace("$job", ".*")
@@ -329,7 +350,7 @@ def test_promtool_checks(tmp_path: Path) -> None:
     ]
     f = tmp_path / "dashboard_rules.yml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    r = subprocess.run(["promtool", "check", "rules", str(f)], capture_output=True, text=True)
+    r = subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -349,3 +370,67 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     # The binary is not installed here; anything else is a defect in the unit.
     problems = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip() and "is not executable" not in ln]
     assert not problems, "\n".join(problems)
+
+
+# ----------------------------------------------------------------------------- exposure, dashboard, image
+
+def test_compose_publishes_on_loopback_unless_opted_in() -> None:
+    """Kafka here is PLAINTEXT, Prometheus and Grafana (anonymous) have no login: loopback by default."""
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    published = []
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            published.append(name)
+            assert isinstance(port, str) and port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), (
+                f"compose service {name} publishes {port!r} on every interface; "
+                "use \"${BIND_ADDRESS:-127.0.0.1}:HOST:CONTAINER\""
+            )
+    assert {"kafka", "prometheus", "grafana", "sluice-0", "sluice-1"} <= set(published)
+
+
+def _dashboard_panels() -> list[dict]:
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            out.append(p)
+            walk(p.get("panels", []))
+
+    walk(json.loads(DASHBOARD.read_text())["panels"])
+    return out
+
+
+def test_dashboard_shows_up_and_readiness() -> None:
+    exprs = [t["expr"] for p in _dashboard_panels() for t in p.get("targets", []) if t.get("expr")]
+    assert any(re.search(r"\bup\{", e) for e in exprs), "no panel queries up (replica scraped)"
+    assert any("sluice_ready" in e for e in exprs), "no panel queries sluice_ready (/readyz)"
+
+
+def test_dashboard_titles_name_scoring_processes() -> None:
+    for p in _dashboard_panels():
+        text = (p.get("title", "") + " " + p.get("description", "")).lower()
+        assert "inference thread" not in text, f"panel {p.get('title')!r} still speaks of inference threads"
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    cells = {}
+    for p in _dashboard_panels():
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"panels {cells[(x, y)]!r} and {p.get('title')!r} overlap"
+                cells[(x, y)] = p.get("title")
+    ids = [p["id"] for p in _dashboard_panels()]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+
+
+def test_image_leaves_devbroker_out() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert not re.search(r"^COPY\s+devbroker", dockerfile, re.M), "the image copies devbroker/"
+    assert "!devbroker/" not in ignore, "the build context lets devbroker/ in"
+    # Nothing the worker runs imports it at module level (demo and bench import it lazily).
+    for path in (ROOT / "workers").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if re.match(r"(from|import)\s+devbroker\b", line):
+                pytest.fail(f"{path.relative_to(ROOT)} imports devbroker at module level: {line}")
