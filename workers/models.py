@@ -75,22 +75,57 @@ def _has_module(name: str) -> bool:
         return False
 
 
+def _tensorrt_ok() -> bool:
+    """TensorRT installed, and the major version the backends are written for."""
+    if not _has_module("tensorrt"):
+        return False
+    try:
+        from importlib import metadata
+
+        from workers.inference.gpu_common import TENSORRT_MAJOR
+
+        versions = [metadata.version(d) for d in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")
+                    if _dist_installed(d)]
+        # no distribution metadata (a tar install): load() reads tensorrt.__version__ and decides
+        return all(int(v.split(".")[0]) == TENSORRT_MAJOR for v in versions)
+    except (ValueError, ImportError):
+        return False
+
+
+def _dist_installed(name: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def usable_backends(spec: ModelSpec | None = None) -> dict[str, list[str]]:
     """backend -> devices usable on this machine (runtime installed, GPU present, artifacts shipped).
 
-    Probes without building anything; torch is imported only when installed.
+    Probes without building anything; torch is imported only when installed. A GPU backend is
+    usable only when its runtime can actually run here: a provider compiled into onnxruntime-gpu
+    is not enough (the CPU onnxruntime may sit on top of it, or the host may have no GPU), so the
+    CUDA driver must see a GPU too. The GPU tests gate on this, so they skip (with the reason)
+    where the backend cannot run instead of failing.
     """
+    from workers.inference import gpu_common
+
     out: dict[str, list[str]] = {}
+    gpus = gpu_common.cuda_device_count()
     try:
         import onnxruntime as ort
 
         prov = ort.get_available_providers()
-        out["onnxruntime"] = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in prov else [])
-        if "TensorrtExecutionProvider" in prov and "CUDAExecutionProvider" in prov and _has_module("tensorrt"):
+        ort_gpu = gpus > 0 and gpu_common.onnxruntime_conflict() is None
+        out["onnxruntime"] = ["cpu"] + (["cuda"] if ort_gpu and "CUDAExecutionProvider" in prov else [])
+        if ort_gpu and "TensorrtExecutionProvider" in prov and "CUDAExecutionProvider" in prov and _tensorrt_ok():
             out["onnxruntime-tensorrt"] = ["cuda"]
-    except ImportError:  # pragma: no cover - a core dependency
+    except ImportError:  # `pip install .` without the cpu or a gpu extra
         pass
-    if _has_module("tensorrt") and (_has_module("cuda.bindings") or _has_module("cuda")):
+    if gpus > 0 and _tensorrt_ok() and (_has_module("cuda.bindings") or _has_module("cuda")):
         try:
             from workers.inference.tensorrt_backend import _Cuda, _import_cudart
 

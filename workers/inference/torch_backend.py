@@ -10,6 +10,8 @@ torch is imported lazily: the worker's runtime does not need it. Inference runs
 under ``torch.inference_mode()``; a module in eval mode is safe to call from
 several threads. On CUDA each inference thread has its own CUDA stream and
 pinned host buffers (grown on demand), so threads overlap copies and kernels.
+On CUDA, FP32 means FP32: TF32 matmuls and convolutions are switched off (process-wide, as
+torch only offers) unless ``SLUICE_GPU_ALLOW_TF32=1``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from workers.inference.base import BackendUnavailable
-from workers.inference.gpu_common import GPU_HINT
+from workers.inference.gpu_common import GPU_HINT, tf32_allowed
 
 if TYPE_CHECKING:  # pragma: no cover
     from workers.features import ModelSpec
@@ -52,6 +54,9 @@ class TorchBackend:
             idx = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
             if idx >= torch.cuda.device_count():
                 raise BackendUnavailable(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+            # torch's defaults differ by version and op (cuDNN convolutions allow TF32): say it outright
+            torch.backends.cuda.matmul.allow_tf32 = tf32_allowed()
+            torch.backends.cudnn.allow_tf32 = tf32_allowed()
         spec = self.spec
         if spec.torch_weights_path is None:
             raise ValueError(f"{spec.manifest_path}: no [artifacts] torch_module/torch_weights; backend 'torch' "
