@@ -66,6 +66,10 @@ def load_definition(spec: ModelSpec) -> ModuleType:
 PARITY_ATOL = 1e-5
 #: TensorRT with FP16 kernels (SLUICE_TENSORRT_FP16=1) vs FP32 onnxruntime.
 PARITY_ATOL_FP16 = 2e-2
+#: FP16: the share of events whose label may flip at the threshold. Only events scored within
+#: PARITY_ATOL_FP16 of the threshold can flip; 0.5% is a bound set before any GPU measurement
+#: (the GPU test prints the measured count, to tighten it from).
+FP16_MAX_LABEL_FLIP_FRACTION = 0.005
 
 
 def _has_module(name: str) -> bool:

@@ -7,11 +7,11 @@ import pathlib
 import threading
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from workers.features import ModelSpec
 from workers.inference import Backend, BackendUnavailable, create_backend, known_backends
+from workers.models import usable_backends
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -86,10 +86,26 @@ def test_concurrent_infer_is_thread_safe(backend, spec):
     assert all(np.array_equal(got[i], want[i]) for i in range(8))
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA provider present")
-def test_cuda_without_provider_is_unavailable_with_install_hint(spec):
+@pytest.mark.skipif("cuda" in usable_backends().get("onnxruntime", []), reason="onnxruntime runs on a GPU here")
+def test_cuda_without_provider_or_gpu_is_unavailable_with_install_hint(spec):
+    # on the CPU wheel: no CUDA provider; with onnxruntime-gpu on a host without a GPU: no device
     with pytest.raises(BackendUnavailable, match=r"sluice\[gpu\]"):
         create_backend(spec, device="cuda")
+
+
+def test_missing_onnxruntime_names_the_cpu_extra(spec, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ort(name, *a, **k):  # `pip install .` alone: onnxruntime lives in the cpu / gpu-* extras
+        if name == "onnxruntime" or name.startswith("onnxruntime."):
+            raise ImportError("No module named 'onnxruntime'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    with pytest.raises(BackendUnavailable, match=r"sluice\[cpu\]"):
+        create_backend(spec)
 
 
 def test_missing_or_mismatched_model_is_a_clear_error(spec, tmp_path):
