@@ -312,25 +312,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_inference(args: argparse.Namespace) -> int:
-    from workers.offline import bench_inference
+    from workers.inference.bench import run_cli  # per backend and precision: workers/inference/bench.py
 
-    spec, backend = _load_backend(args)
-    if backend is None:
-        return ExitCode.CONFIG
-    sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
-    rows = bench_inference(spec, backend, sizes, seconds=args.seconds)
-    result = {"model": spec.name, "version": spec.version, "backend": backend.describe(), "results": rows}
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        d = backend.describe()
-        print(f"bench-inference: {spec.name} {spec.version} on {d['name']}:{d['device']} "
-              f"(threads={args.threads}, {spec.n_columns} columns)")
-        print(f"{'batch':>7} {'rows/s':>12} {'p50 ms':>9} {'p99 ms':>9} {'us/row':>8}")
-        for r in rows:
-            print(f"{r['batch_size']:>7} {r['rows_per_s']:>12,.0f} {r['latency_ms_p50']:>9.3f} "
-                  f"{r['latency_ms_p99']:>9.3f} {r['latency_us_per_row']:>8.3f}")
-    return ExitCode.OK
+    return run_cli(args)
 
 # Choices, spelled out here so that `sluice --help` and argument checking import nothing heavy;
 # tests/unit/test_cli_parser.py checks them against workers.telemetry.KINDS and the backend registry.
@@ -470,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated batch sizes to measure")
     bi.add_argument("--seconds", type=_positive_float, default=1.0, help="measuring time per batch size")
     bi.add_argument("--json", action="store_true", help="the results as one JSON object")
+    bi.add_argument("--backends", default=None, metavar="B,B,...", help="several backends, comma-separated (instead of --backend)")
+    bi.add_argument("--precision", default="fp32", metavar="P,P,...", help="fp32, fp16 (TensorRT), tf32 (GPU); comma-separated")
     bi.set_defaults(func=_cmd_bench_inference)
     return p
 
