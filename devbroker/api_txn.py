@@ -68,7 +68,10 @@ async def txn_offset_commit(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
     try:
         b.txns._validate(req.transactional_id, req.producer_id, req.producer_epoch)
     except TxnError as e:
-        code = e.code
+        # Kafka writes the offsets to __consumer_offsets as the producer's transactional
+        # batch: an epoch other than the current one is the partition leader's
+        # INVALID_PRODUCER_EPOCH (as a stale Produce), not the coordinator's PRODUCER_FENCED
+        code = "invalid_producer_epoch" if e.code == "producer_fenced" else e.code
     if code == "none":
         code = b.groups.validate_member(req.group_id, getattr(req, "generation_id", -1),
                                         getattr(req, "member_id", "") or "",

@@ -239,8 +239,12 @@ class PartitionLog:
 
     # ---- reads -------------------------------------------------------------------------------
     def read(self, offset: int, upper: int, max_bytes: int, must_return_one: bool) -> bytes:
-        """Whole batches from the one holding `offset` whose base is below `upper`,
-        at most `max_bytes` (but one whole batch if `must_return_one`)."""
+        """Kafka's LogSegment.read: the log's bytes from the batch holding `offset` up to the
+        batch at `upper` (HW or LSO), at most `max_bytes` of them, so the last batch may be cut
+        short (clients drop a partial trailing batch); when `must_return_one` (the first
+        partition of the response to hold data) at least the whole first batch. A first batch
+        larger than `max_bytes` otherwise gives nothing (Fetch v3+ answers an empty set rather
+        than a partial first batch)."""
         bases = self.bases
         if offset >= upper or not bases:
             return b""
@@ -257,17 +261,11 @@ class PartitionLog:
         positions = self.positions
         start = positions[i]
         end = positions[j] if j < nb else self.size
-        if end - start > max_bytes:
-            limit = start + max_bytes
-            k = bisect.bisect_right(positions, limit, i, j) - 1  # last batch starting <= limit
-            # end of batch k is positions[k+1]; keep batches that end within limit
-            cut = k if (positions[k + 1] if k + 1 < nb else self.size) > limit else k + 1
-            if cut <= i:
-                if not must_return_one:
-                    return b""
-                cut = i + 1
-            end = positions[cut] if cut < nb else self.size
-        return os.pread(self.fd, end - start, start)
+        first = (positions[i + 1] if i + 1 < nb else self.size) - start
+        limit = max(max_bytes, first) if must_return_one else max_bytes
+        if limit < first:
+            return b""
+        return os.pread(self.fd, min(end - start, limit), start)
 
     def aborted_in(self, start: int, end: int) -> list[tuple[int, int]]:
         """(producer id, first offset) of aborted txns overlapping [start, end)."""

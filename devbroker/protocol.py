@@ -124,11 +124,15 @@ def spec_for(key: int, version: int) -> ApiSpec | None:
 
 
 def api_versions_v0_unsupported(correlation_id: int) -> bytes:
-    """Answer an ApiVersions request of a version we do not know: v0 body, error 35."""
+    """Answer an ApiVersions request of a version we do not know: v0 body, error 35, and (as
+    Kafka's ApiVersionsRequest.getErrorResponse) only ApiVersions' own version range, from
+    which the client picks a version to ask again."""
     s = spec_for(18, 0)
     assert s is not None
+    lo, hi = SUPPORTED_VERSIONS[18]
     resp = s.make("ApiVersionsResponse", error_code=_ERR.unsupported_version,
-                  api_keys=api_version_list(s), throttle_time=ZERO)
+                  api_keys=(s.resp.ApiVersion(api_key=18, min_version=lo, max_version=hi),),
+                  throttle_time=ZERO)
     return s.encode(correlation_id, resp)
 
 

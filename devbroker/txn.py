@@ -108,8 +108,8 @@ class TxnCoordinator:
         """Returns (producer id, epoch); raises TxnError."""
         b = self.broker
         if not tid:
-            if req_pid >= 0 and 0 <= req_epoch < MAX_EPOCH - 1:
-                return req_pid, req_epoch + 1  # KIP-360 epoch bump of an idempotent producer
+            # Kafka's handleInitProducerId: an idempotent producer always gets a new producer
+            # id at epoch 0, whatever id and epoch it gives (it bumps epochs on its own)
             return b.allocate_pid(), 0
         if timeout_ms <= 0 or timeout_ms > b.config.max_transaction_timeout_ms:
             raise TxnError("invalid_transaction_timeout")
@@ -120,22 +120,24 @@ class TxnCoordinator:
             self.by_pid[t.pid] = t
             self._save(t)
             return t.pid, t.epoch
-        if req_pid >= 0:
-            if req_pid != t.pid:
-                raise TxnError("producer_fenced")
-            if req_epoch != t.epoch:
-                if req_epoch == t.last_epoch and t.state != ONGOING:
-                    return t.pid, t.epoch  # retry of a bump whose answer was lost
-                raise TxnError("producer_fenced")
+        # Kafka's prepareInitProducerIdTransit: a given producer id must be the current one
+        # (its epoch is checked only when bumping, below, so in an ongoing transaction any
+        # epoch of that id fences it)
+        if req_pid >= 0 and req_pid != t.pid:
+            raise TxnError("producer_fenced")
         if t.state in (PREPARE_COMMIT, PREPARE_ABORT):
             raise TxnError("concurrent_transactions")
         if t.state == ONGOING:
-            # Kafka (prepareInitProducerIdTransit): fence the current producer by aborting its
-            # transaction with a bumped epoch, and answer CONCURRENT_TRANSACTIONS; the retry
-            # bumps again (a new instance) or is PRODUCER_FENCED (a pid/epoch that the fence
-            # made stale, since the fence leaves no last epoch).
+            # Fence the current producer by aborting its transaction with a bumped epoch, and
+            # answer CONCURRENT_TRANSACTIONS; the retry bumps again (a new instance), or is the
+            # fenced producer's own KIP-360 retry and gets the fencing epoch (the fence keeps
+            # its epoch as the last epoch, as Kafka 4 does at transaction.version 2).
             self._fence_and_abort(t)
             raise TxnError("concurrent_transactions")
+        if req_pid >= 0 and req_epoch != t.epoch:
+            if req_epoch == t.last_epoch:
+                return t.pid, t.epoch  # retry of a bump whose answer was lost
+            raise TxnError("producer_fenced")
         # Kafka (TransactionMetadata.prepareIncrementProducerEpoch): a bump requested by the
         # current producer (its pid/epoch given) remembers the previous epoch so a lost answer
         # can be retried; a new producer instance (no pid given) clears it, so no older
@@ -242,9 +244,12 @@ class TxnCoordinator:
         self._save(t)
 
     def _fence_and_abort(self, t: Txn) -> None:
-        # Kafka's prepareFenceProducerEpoch: the fenced epoch is not a valid "last epoch"
-        # (the producer whose transaction timed out gets PRODUCER_FENCED, not its epoch back)
-        t.last_epoch = -1
+        # Kafka 4 at transaction.version 2 (the level a new cluster runs at, whatever request
+        # versions the client uses): the abort bumps the epoch once and keeps the producer's
+        # epoch as the last epoch, so its old epoch is fenced at the partitions and the
+        # coordinator, and the producer itself may take the new epoch with
+        # InitProducerId(its id, its epoch) (KIP-360), until a new instance bumps it again.
+        t.last_epoch = t.epoch
         t.epoch += 1
         t.state = PREPARE_ABORT
         self._save(t)

@@ -51,15 +51,69 @@ def _entity(mod, kind: str):
                 and getattr(getattr(v, "__type__", None), "name", None) == kind)
 
 
+# What a Kafka client retries rather than reports: the coordinator is loading its partition of
+# __consumer_offsets / __transaction_state (on a fresh Kafka the first FindCoordinator creates
+# those topics), moved, or not elected yet; a partition's leadership not yet known to the broker
+# that was asked (right after topic creation, metadata reaches brokers a moment later).
+COORDINATOR_RETRIABLE = {ErrorCode.coordinator_load_in_progress, ErrorCode.coordinator_not_available,
+                         ErrorCode.not_coordinator}
+LEADER_RETRIABLE = {ErrorCode.not_leader_or_follower, ErrorCode.leader_not_available,
+                    ErrorCode.unknown_topic_or_partition}
+RETRY_FOR_S = 30.0
+
+
+def until(call, done, timeout: float = RETRY_FOR_S, pause: float = 0.05):
+    """call() until done(answer) or the timeout; the last answer. For what a client retries
+    or waits for: CONCURRENT_TRANSACTIONS while a transaction completes, UNSTABLE_OFFSET_COMMIT
+    until its markers are written, an LSO that Kafka moves once the markers are written (after
+    EndTxn answers; devbroker writes them first: see devbroker/README.md)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = call()
+        if done(r) or time.monotonic() >= deadline:
+            return r
+        time.sleep(pause)
+
+
+def not_concurrent(r) -> bool:
+    return r.error_code != ErrorCode.concurrent_transactions
+
+
+def _error_codes(entity) -> set:
+    """Every error code in a response, nested ones included (per topic, partition, group)."""
+    out = set()
+    if isinstance(entity, tuple):
+        for x in entity:
+            out |= _error_codes(x)
+    elif hasattr(entity, "__dataclass_fields__"):
+        for name in entity.__dataclass_fields__:
+            v = getattr(entity, name)
+            if name.endswith("error_code"):
+                out.add(v)
+            elif isinstance(v, tuple) or hasattr(v, "__dataclass_fields__"):
+                out |= _error_codes(v)
+    return out
+
+
 class RawClient:
-    """One connection; requests are built from kio request classes by api name/version."""
+    """One connection; requests are built from kio request classes by api name/version.
+
+    Like a real client, it sends group and transaction requests to the coordinator that
+    FindCoordinator names (`coord`), and retries what clients retry: the coordinator errors
+    above, and (in `produce`/`fetch`) a partition whose leader the broker does not know yet.
+    Every other answer, error or not, goes back to the test as it came."""
 
     def __init__(self, bootstrap: str):
         host, port = bootstrap.rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.addr = (host, int(port))
+        self.sock = socket.create_connection(self.addr, timeout=30)
         self.corr = 0
+        self.peers: dict[tuple[str, int], RawClient] = {}
+        self.coordinators: dict[tuple[int, str], RawClient] = {}
 
     def close(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
         self.sock.close()
 
     def mod(self, api: str, version: int, kind: str):
@@ -97,35 +151,99 @@ class RawClient:
             out += chunk
         return out
 
+    # -- coordinators, as clients find them -----------------------------------------------------
+    def _connection(self, host: str, port: int) -> "RawClient":
+        if (host, port) == self.addr:
+            return self
+        if (host, port) not in self.peers:
+            self.peers[(host, port)] = RawClient(f"{host}:{port}")
+        return self.peers[(host, port)]
+
+    def coordinator(self, key: str, key_type: int = 0) -> "RawClient":
+        """FindCoordinator (key_type 0: group, 1: transaction), retried while not available."""
+        cached = self.coordinators.get((key_type, key))
+        if cached is not None:
+            return cached
+        deadline = time.monotonic() + RETRY_FOR_S
+        while True:
+            r = self.call("find_coordinator", 3, key=key, key_type=key_type)
+            if r.error_code == ErrorCode.none:
+                conn = self.coordinators[(key_type, key)] = self._connection(r.host, r.port)
+                return conn
+            assert r.error_code in COORDINATOR_RETRIABLE and time.monotonic() < deadline, r
+            time.sleep(0.1)
+
+    def coord(self, key: str, api: str, version: int, key_type: int = 0, **fields):
+        """`api` on the coordinator of `key`, retried while it is loading, moving or unknown."""
+        deadline = time.monotonic() + RETRY_FOR_S
+        while True:
+            r = self.coordinator(key, key_type).call(api, version, **fields)
+            transient = _error_codes(r) & COORDINATOR_RETRIABLE
+            if not transient or time.monotonic() >= deadline:
+                return r
+            if transient - {ErrorCode.coordinator_load_in_progress}:
+                self.coordinators.pop((key_type, key), None)  # look it up again
+            time.sleep(0.1)
+
+    def group(self, group: str, api: str, version: int, **fields):
+        return self.coord(group, api, version, key_type=0, **fields)
+
+    def txn(self, tid: str, api: str, version: int, **fields):
+        return self.coord(tid, api, version, key_type=1, **fields)
+
+    def _leader_retried(self, send, codes):
+        deadline = time.monotonic() + RETRY_FOR_S
+        while True:
+            r = send()
+            if codes(r) & LEADER_RETRIABLE and time.monotonic() < deadline:
+                time.sleep(0.1)  # a client refreshes its metadata and tries again
+                continue
+            return r
+
     # -- helpers ------------------------------------------------------------------------------
     def produce(self, topic: str, partition: int, records: bytes, txn_id: str | None = None):
         m = self.mod("produce", 9, "request")
-        resp = self.call("produce", 9, transactional_id=txn_id, acks=-1, timeout=timedelta(seconds=5),
-                         topic_data=(m.TopicProduceData(name=topic, partition_data=(
-                             m.PartitionProduceData(index=partition, records=records),)),))
+        resp = self._leader_retried(
+            lambda: self.call("produce", 9, transactional_id=txn_id, acks=-1, timeout=timedelta(seconds=5),
+                              topic_data=(m.TopicProduceData(name=topic, partition_data=(
+                                  m.PartitionProduceData(index=partition, records=records),)),)),
+            _error_codes)
         p = resp.responses[0].partition_responses[0]
         return p.error_code, p.base_offset
 
     def fetch(self, topic: str, partition: int, offset: int, max_wait_ms: int = 0, min_bytes: int = 1,
               max_bytes: int = 1 << 20, isolation: int = 0):
         m = self.mod("fetch", 12, "request")
-        resp = self.call("fetch", 12, replica_id=-1, max_wait=timedelta(milliseconds=max_wait_ms),
-                         min_bytes=min_bytes, max_bytes=max_bytes, isolation_level=isolation,
-                         session_id=0, session_epoch=-1,
-                         topics=(m.FetchTopic(topic=topic, partitions=(
-                             m.FetchPartition(partition=partition, fetch_offset=offset,
-                                              partition_max_bytes=max_bytes),)),),
-                         forgotten_topics_data=(), rack_id="")
+        resp = self._leader_retried(
+            lambda: self.call("fetch", 12, replica_id=-1, max_wait=timedelta(milliseconds=max_wait_ms),
+                              min_bytes=min_bytes, max_bytes=max_bytes, isolation_level=isolation,
+                              session_id=0, session_epoch=-1,
+                              topics=(m.FetchTopic(topic=topic, partitions=(
+                                  m.FetchPartition(partition=partition, fetch_offset=offset,
+                                                   partition_max_bytes=max_bytes),)),),
+                              forgotten_topics_data=(), rack_id=""),
+            _error_codes)
         return resp.responses[0].partitions[0]
 
     def init_pid(self, txn_id: str | None = None, timeout_ms: int = 60000):
-        for _ in range(50):  # an open transaction is aborted first: retry, as clients do
-            r = self.call("init_producer_id", 4, transactional_id=txn_id,
-                          transaction_timeout=timedelta(milliseconds=timeout_ms), producer_id=-1,
-                          producer_epoch=-1)
-            if r.error_code != ErrorCode.concurrent_transactions:
+        def init():
+            fields = dict(transactional_id=txn_id, transaction_timeout=timedelta(milliseconds=timeout_ms),
+                          producer_id=-1, producer_epoch=-1)
+            if txn_id is None:  # an idempotent producer asks any broker, which may not be ready yet
+                deadline = time.monotonic() + RETRY_FOR_S
+                while True:
+                    r = self.call("init_producer_id", 4, **fields)
+                    if r.error_code not in COORDINATOR_RETRIABLE or time.monotonic() >= deadline:
+                        return r
+                    time.sleep(0.1)
+            return self.txn(txn_id, "init_producer_id", 4, **fields)
+
+        deadline = time.monotonic() + RETRY_FOR_S
+        while True:  # an open transaction is aborted first: retry, as clients do
+            r = init()
+            if r.error_code != ErrorCode.concurrent_transactions or time.monotonic() >= deadline:
                 break
-            time.sleep(0.02)
+            time.sleep(0.05)
         assert r.error_code == ErrorCode.none, r
         return r.producer_id, r.producer_epoch
 
@@ -169,9 +287,9 @@ def test_transactional_produce_to_partition_not_in_txn_is_rejected(raw, new_topi
     t = new_topic(partitions=2)
     pid, epoch = raw.init_pid("raw-txn-unadded")
     m = raw.mod("add_partitions_to_txn", 3, "request")
-    r = raw.call("add_partitions_to_txn", 3, v3_and_below_transactional_id="raw-txn-unadded",
-                 v3_and_below_producer_id=pid, v3_and_below_producer_epoch=epoch,
-                 v3_and_below_topics=(m.AddPartitionsToTxnTopic(name=t, partitions=(0,)),))
+    r = raw.txn("raw-txn-unadded", "add_partitions_to_txn", 3, v3_and_below_transactional_id="raw-txn-unadded",
+                v3_and_below_producer_id=pid, v3_and_below_producer_epoch=epoch,
+                v3_and_below_topics=(m.AddPartitionsToTxnTopic(name=t, partitions=(0,)),))
     assert r.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code == ErrorCode.none
     ok = raw.produce(t, 0, make_batch(1, pid, epoch, 0, txn=True), txn_id="raw-txn-unadded")
     assert ok[0] == ErrorCode.none
@@ -183,6 +301,9 @@ def test_transactional_produce_to_partition_not_in_txn_is_rejected(raw, new_topi
 
 def test_fetch_long_poll_wakes_on_produce(raw, bootstrap, new_topic):
     t = new_topic()
+    # the partition's leader answers (Kafka's brokers learn a new topic's leadership a moment
+    # after CreateTopics returns): only then is the long poll's wait the broker's to time
+    assert raw.fetch(t, 0, 0).error_code == ErrorCode.none
 
     def later():
         time.sleep(0.3)
@@ -203,17 +324,21 @@ def test_fetch_long_poll_wakes_on_produce(raw, bootstrap, new_topic):
     assert not p.records and time.monotonic() - t0 >= 0.25
 
 
-def test_fetch_returns_one_whole_batch_larger_than_max_bytes(raw, new_topic):
+def test_fetch_max_bytes_cuts_the_log_as_kafka_does(raw, new_topic):
+    """Kafka's LogSegment.read: the log's bytes from the batch holding the fetch offset, at most
+    max bytes of them (KIP-74: but the whole first batch of the response, however large), so
+    the last batch may be cut short: "the server is allowed to return a partial message at the
+    end of the message set. Clients should handle this case" (the protocol guide)."""
     t = new_topic()
     big = make_batch(5, size=100)
-    raw.produce(t, 0, big)
-    raw.produce(t, 0, make_batch(1))
-    p = raw.fetch(t, 0, 0, max_bytes=50)
-    assert len(p.records) == len(big)
-    p = raw.fetch(t, 0, 0, max_bytes=len(big) + 10)
-    assert len(p.records) == len(big)
-    p = raw.fetch(t, 0, 2, max_bytes=1 << 20)  # from inside the first batch
-    assert len(p.records) > len(big)
+    assert raw.produce(t, 0, big) == (ErrorCode.none, 0)
+    assert raw.produce(t, 0, make_batch(1)) == (ErrorCode.none, 5)
+    log = raw.fetch(t, 0, 0).records  # both batches, as stored
+    assert len(log) == len(big) + len(make_batch(1)) and log[8:len(big)] == big[8:]
+    assert raw.fetch(t, 0, 0, max_bytes=50).records == log[:len(big)]  # one whole batch
+    assert raw.fetch(t, 0, 0, max_bytes=len(big) + 10).records == log[:len(big) + 10]  # + partial
+    assert raw.fetch(t, 0, 2).records == log  # from inside the first batch: from its start
+    assert raw.fetch(t, 0, 5).records == log[len(big):]
     assert raw.fetch(t, 0, 99).error_code == ErrorCode.offset_out_of_range
 
 
@@ -227,42 +352,48 @@ def test_api_versions_unknown_version_answers_v0_with_error(raw):
     assert struct.unpack_from(">i", frame, 0)[0] == 7
     resp, _ = entity_reader(ApiVersionsResponse)(frame, 4)
     assert resp.error_code == ErrorCode.unsupported_version
-    assert any(k.api_key == 0 for k in resp.api_keys)
+    # Kafka's ApiVersionsRequest.getErrorResponse: only ApiVersions' own range, to ask again with
+    assert [(k.api_key, k.min_version) for k in resp.api_keys] == [(18, 0)]
+    assert resp.api_keys[0].max_version >= 3
 
 
 def test_offset_fetch_require_stable_reports_pending_txn_offsets(raw, new_topic):
     t = new_topic()
     tid, group = "raw-txn-stable", "g-raw-stable"
     pid, epoch = raw.init_pid(tid)
-    r = raw.call("add_offsets_to_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch,
-                 group_id=group)
+    r = raw.txn(tid, "add_offsets_to_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch,
+                group_id=group)
     assert r.error_code == ErrorCode.none
     m = raw.mod("txn_offset_commit", 3, "request")
-    r = raw.call("txn_offset_commit", 3, transactional_id=tid, group_id=group, producer_id=pid,
-                 producer_epoch=epoch, generation_id=-1, member_id="", group_instance_id=None,
-                 topics=(m.TxnOffsetCommitRequestTopic(name=t, partitions=(
-                     m.TxnOffsetCommitRequestPartition(partition_index=0, committed_offset=5,
-                                                       committed_leader_epoch=-1,
-                                                       committed_metadata=""),)),))
+    r = raw.group(group, "txn_offset_commit", 3, transactional_id=tid, group_id=group, producer_id=pid,
+                  producer_epoch=epoch, generation_id=-1, member_id="", group_instance_id=None,
+                  topics=(m.TxnOffsetCommitRequestTopic(name=t, partitions=(
+                      m.TxnOffsetCommitRequestPartition(partition_index=0, committed_offset=5,
+                                                        committed_leader_epoch=-1,
+                                                        committed_metadata=""),)),))
     assert r.topics[0].partitions[0].error_code == ErrorCode.none
 
     def offset_fetch(stable: bool):
         fm = raw.mod("offset_fetch", 7, "request")
-        resp = raw.call("offset_fetch", 7, group_id=group, require_stable=stable,
-                        topics=(fm.OffsetFetchRequestTopic(name=t, partition_indexes=(0,)),))
+        resp = raw.group(group, "offset_fetch", 7, group_id=group, require_stable=stable,
+                         topics=(fm.OffsetFetchRequestTopic(name=t, partition_indexes=(0,)),))
         return resp.topics[0].partitions[0]
 
     assert offset_fetch(True).error_code == ErrorCode.unstable_offset_commit
     assert offset_fetch(False).committed_offset == -1  # not visible before commit
-    r = raw.call("end_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch, committed=True)
-    assert r.error_code == ErrorCode.none
-    p = offset_fetch(True)
+    def end(commit: bool):
+        return until(lambda: raw.txn(tid, "end_txn", 3, transactional_id=tid, producer_id=pid,
+                                     producer_epoch=epoch, committed=commit), not_concurrent)
+
+    assert end(True).error_code == ErrorCode.none
+    # Kafka writes the commit marker to __consumer_offsets after EndTxn answers: until then
+    # the offsets stay pending (a require_stable client retries)
+    p = until(lambda: offset_fetch(True), lambda p: p.error_code != ErrorCode.unstable_offset_commit,
+              timeout=10)
     assert p.error_code == ErrorCode.none and p.committed_offset == 5
     # a second EndTxn with the same outcome is a harmless retry; the other outcome is not
-    r = raw.call("end_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch, committed=True)
-    assert r.error_code == ErrorCode.none
-    r = raw.call("end_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch, committed=False)
-    assert r.error_code == ErrorCode.invalid_txn_state
+    assert end(True).error_code == ErrorCode.none
+    assert end(False).error_code == ErrorCode.invalid_txn_state
 
 
 def test_session_timeout_evicts_a_silent_member(raw, bootstrap):
@@ -273,61 +404,61 @@ def test_session_timeout_evicts_a_silent_member(raw, bootstrap):
     proto = (jm.JoinGroupRequestProtocol(name="range", metadata=b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"),)
 
     def join(member_id=""):
-        return raw.call("join_group", 5, group_id=group, session_timeout=timedelta(milliseconds=SESSION_MS),
-                        rebalance_timeout=timedelta(milliseconds=2000), member_id=member_id,
-                        group_instance_id=None, protocol_type="consumer", protocols=proto)
+        return raw.group(group, "join_group", 5, group_id=group, session_timeout=timedelta(milliseconds=SESSION_MS),
+                         rebalance_timeout=timedelta(milliseconds=2000), member_id=member_id,
+                         group_instance_id=None, protocol_type="consumer", protocols=proto)
 
     r = join()
     assert r.error_code == ErrorCode.member_id_required
     r = join(r.member_id)
     assert r.error_code == ErrorCode.none and r.leader == r.member_id and r.generation_id == 1
     member = r.member_id
-    s = raw.call("sync_group", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None,
-                 assignments=())
+    s = raw.group(group, "sync_group", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None,
+                  assignments=())
     assert s.error_code == ErrorCode.none
-    h = raw.call("heartbeat", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None)
+    h = raw.group(group, "heartbeat", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None)
     assert h.error_code == ErrorCode.none
-    h = raw.call("heartbeat", 3, group_id=group, generation_id=0, member_id=member, group_instance_id=None)
+    h = raw.group(group, "heartbeat", 3, group_id=group, generation_id=0, member_id=member, group_instance_id=None)
     assert h.error_code == ErrorCode.illegal_generation
     silent_since = time.monotonic()
     # DescribeGroups does not touch the member's session (a heartbeat would renew it).
     deadline = silent_since + SESSION_MS / 1000 + 10
     while True:
-        d = raw.call("describe_groups", 5, groups=(group,), include_authorized_operations=False)
+        d = raw.group(group, "describe_groups", 5, groups=(group,), include_authorized_operations=False)
         if d.groups[0].group_state == "Empty" or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert d.groups[0].group_state == "Empty" and d.groups[0].members == ()
     assert time.monotonic() - silent_since >= SESSION_MS / 1000 - 1.0, "evicted before its session timed out"
-    h = raw.call("heartbeat", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None)
+    h = raw.group(group, "heartbeat", 3, group_id=group, generation_id=1, member_id=member, group_instance_id=None)
     assert h.error_code == ErrorCode.unknown_member_id
 
 
 def _join_static(raw, group, instance, member_id=""):
     jm = raw.mod("join_group", 5, "request")
     proto = (jm.JoinGroupRequestProtocol(name="range", metadata=b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"),)
-    return raw.call("join_group", 5, group_id=group, session_timeout=timedelta(seconds=10),
-                    rebalance_timeout=timedelta(seconds=10), member_id=member_id,
-                    group_instance_id=instance, protocol_type="consumer", protocols=proto)
+    return raw.group(group, "join_group", 5, group_id=group, session_timeout=timedelta(seconds=10),
+                     rebalance_timeout=timedelta(seconds=10), member_id=member_id,
+                     group_instance_id=instance, protocol_type="consumer", protocols=proto)
 
 
 def test_static_member_replaced_fences_old_member_id(raw):
     group = f"g-raw-static-{time.time_ns()}"
     r1 = _join_static(raw, group, "inst-1")
     assert r1.error_code == ErrorCode.none and r1.generation_id == 1
-    s = raw.call("sync_group", 3, group_id=group, generation_id=1, member_id=r1.member_id,
-                 group_instance_id="inst-1", assignments=((raw.mod("sync_group", 3, "request")
-                                                           .SyncGroupRequestAssignment(member_id=r1.member_id,
-                                                                                       assignment=b"A")),))
+    s = raw.group(group, "sync_group", 3, group_id=group, generation_id=1, member_id=r1.member_id,
+                  group_instance_id="inst-1", assignments=((raw.mod("sync_group", 3, "request")
+                                                            .SyncGroupRequestAssignment(member_id=r1.member_id,
+                                                                                        assignment=b"A")),))
     assert s.error_code == ErrorCode.none and s.assignment == b"A"
     # the same instance restarts: new member id, same generation, no rebalance, old assignment
     r2 = _join_static(raw, group, "inst-1")
     assert r2.error_code == ErrorCode.none and r2.generation_id == 1 and r2.member_id != r1.member_id
-    s2 = raw.call("sync_group", 3, group_id=group, generation_id=1, member_id=r2.member_id,
-                  group_instance_id="inst-1", assignments=())
+    s2 = raw.group(group, "sync_group", 3, group_id=group, generation_id=1, member_id=r2.member_id,
+                   group_instance_id="inst-1", assignments=())
     assert s2.error_code == ErrorCode.none and s2.assignment == b"A"
-    h = raw.call("heartbeat", 3, group_id=group, generation_id=1, member_id=r1.member_id,
-                 group_instance_id="inst-1")
+    h = raw.group(group, "heartbeat", 3, group_id=group, generation_id=1, member_id=r1.member_id,
+                  group_instance_id="inst-1")
     assert h.error_code == ErrorCode.fenced_instance_id
 
 
@@ -338,29 +469,30 @@ def test_txn_offset_commit_checks_group_generation_and_member(raw, new_topic):
     assert r.error_code == ErrorCode.member_id_required
     r = _join_static(raw, group, None, r.member_id)
     assert r.error_code == ErrorCode.none
-    raw.call("sync_group", 3, group_id=group, generation_id=r.generation_id, member_id=r.member_id,
-             group_instance_id=None, assignments=())
+    raw.group(group, "sync_group", 3, group_id=group, generation_id=r.generation_id, member_id=r.member_id,
+              group_instance_id=None, assignments=())
     tid = f"raw-447-{time.time_ns()}"
     pid, epoch = raw.init_pid(tid)
-    raw.call("add_offsets_to_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch,
-             group_id=group)
+    raw.txn(tid, "add_offsets_to_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch,
+            group_id=group)
     m = raw.mod("txn_offset_commit", 3, "request")
 
     def commit(gen, member):
-        resp = raw.call("txn_offset_commit", 3, transactional_id=tid, group_id=group, producer_id=pid,
-                        producer_epoch=epoch, generation_id=gen, member_id=member, group_instance_id=None,
-                        topics=(m.TxnOffsetCommitRequestTopic(name=t, partitions=(
-                            m.TxnOffsetCommitRequestPartition(partition_index=0, committed_offset=1,
-                                                              committed_leader_epoch=-1,
-                                                              committed_metadata=""),)),))
+        resp = raw.group(group, "txn_offset_commit", 3, transactional_id=tid, group_id=group, producer_id=pid,
+                         producer_epoch=epoch, generation_id=gen, member_id=member, group_instance_id=None,
+                         topics=(m.TxnOffsetCommitRequestTopic(name=t, partitions=(
+                             m.TxnOffsetCommitRequestPartition(partition_index=0, committed_offset=1,
+                                                               committed_leader_epoch=-1,
+                                                               committed_metadata=""),)),))
         return resp.topics[0].partitions[0].error_code
 
     assert commit(r.generation_id + 5, r.member_id) == ErrorCode.illegal_generation
     assert commit(r.generation_id, "nobody") == ErrorCode.unknown_member_id
     assert commit(r.generation_id, r.member_id) == ErrorCode.none
-    # a stale epoch after a re-init is fenced
+    # a stale epoch after a re-init is refused as Kafka's partition leader refuses a stale
+    # transactional write: INVALID_PRODUCER_EPOCH (PRODUCER_FENCED is the coordinator's word)
     raw.init_pid(tid)
-    assert commit(r.generation_id, r.member_id) == ErrorCode.producer_fenced
+    assert commit(r.generation_id, r.member_id) == ErrorCode.invalid_producer_epoch
 
 
 def test_init_producer_id_retry_path_does_not_unfence_an_older_instance(raw, new_topic):
@@ -370,9 +502,9 @@ def test_init_producer_id_retry_path_does_not_unfence_an_older_instance(raw, new
     tid = f"tx-{new_topic()}"
 
     def init(pid: int, epoch: int):
-        return raw.call("init_producer_id", 4, transactional_id=tid,
-                        transaction_timeout=timedelta(milliseconds=60000),
-                        producer_id=pid, producer_epoch=epoch)
+        return raw.txn(tid, "init_producer_id", 4, transactional_id=tid,
+                       transaction_timeout=timedelta(milliseconds=60000),
+                       producer_id=pid, producer_epoch=epoch)
 
     first = init(-1, -1)
     second = init(-1, -1)  # a new instance fences the first
@@ -394,12 +526,12 @@ def test_offset_commit_validation_follows_kafka_order(raw, new_topic):
     m = raw.mod("offset_commit", 8, "request")
 
     def commit(group, gen, member):
-        resp = raw.call("offset_commit", 8, group_id=group, generation_id_or_member_epoch=gen,
-                        member_id=member, group_instance_id=None,
-                        topics=(m.OffsetCommitRequestTopic(name=t, partitions=(
-                            m.OffsetCommitRequestPartition(partition_index=0, committed_offset=1,
-                                                           committed_leader_epoch=-1,
-                                                           committed_metadata=""),)),))
+        resp = raw.group(group, "offset_commit", 8, group_id=group, generation_id_or_member_epoch=gen,
+                         member_id=member, group_instance_id=None,
+                         topics=(m.OffsetCommitRequestTopic(name=t, partitions=(
+                             m.OffsetCommitRequestPartition(partition_index=0, committed_offset=1,
+                                                            committed_leader_epoch=-1,
+                                                            committed_metadata=""),)),))
         return resp.topics[0].partitions[0].error_code
 
     assert commit(f"g-raw-none-{time.time_ns()}", 3, "ghost") == ErrorCode.illegal_generation
@@ -409,37 +541,148 @@ def test_offset_commit_validation_follows_kafka_order(raw, new_topic):
     r = _join_static(raw, group, None, r.member_id)
     assert r.error_code == ErrorCode.none
     assert commit(group, r.generation_id, r.member_id) == ErrorCode.rebalance_in_progress  # awaiting sync
-    raw.call("sync_group", 3, group_id=group, generation_id=r.generation_id, member_id=r.member_id,
-             group_instance_id=None, assignments=())
+    raw.group(group, "sync_group", 3, group_id=group, generation_id=r.generation_id, member_id=r.member_id,
+              group_instance_id=None, assignments=())
     assert commit(group, -1, r.member_id) == ErrorCode.illegal_generation
     assert commit(group, -1, "") == ErrorCode.unknown_member_id  # not empty: members only
     assert commit(group, r.generation_id - 1, r.member_id) == ErrorCode.illegal_generation
     assert commit(group, r.generation_id, r.member_id) == ErrorCode.none
 
 
+def _init(raw, tid: str, pid: int = -1, epoch: int = -1, timeout_ms: int = 60000):
+    return raw.txn(tid, "init_producer_id", 4, transactional_id=tid,
+                   transaction_timeout=timedelta(milliseconds=timeout_ms), producer_id=pid,
+                   producer_epoch=epoch)
+
+
+def _add_partition(raw, tid: str, pid: int, epoch: int, topic: str) -> ErrorCode:
+    m = raw.mod("add_partitions_to_txn", 3, "request")
+    r = raw.txn(tid, "add_partitions_to_txn", 3, v3_and_below_transactional_id=tid,
+                v3_and_below_producer_id=pid, v3_and_below_producer_epoch=epoch,
+                v3_and_below_topics=(m.AddPartitionsToTxnTopic(name=topic, partitions=(0,)),))
+    return r.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code
+
+
+def _end(raw, tid: str, pid: int, epoch: int, commit: bool) -> ErrorCode:
+    return until(lambda: raw.txn(tid, "end_txn", 3, transactional_id=tid, producer_id=pid,
+                                 producer_epoch=epoch, committed=commit), not_concurrent).error_code
+
+
+def _await_lso(raw, topic: str, lso: int, timeout: float = 10.0) -> int:
+    """The read_committed LSO once it reaches `lso`: Kafka writes an abort's markers after it
+    answers (asynchronously), devbroker before (see devbroker/README.md)."""
+    return until(lambda: raw.fetch(topic, 0, 0, isolation=1), lambda p: p.last_stable_offset >= lso,
+                 timeout=timeout).last_stable_offset
+
+
 def test_init_producer_id_on_an_ongoing_transaction_aborts_it_then_asks_for_a_retry(raw, new_topic):
     """Kafka fences an ongoing transaction's producer (abort with a bumped epoch) and answers
-    CONCURRENT_TRANSACTIONS; a new instance's retry gets the next epoch, while the fenced
-    instance's own KIP-360 bump with its stale epoch is PRODUCER_FENCED."""
+    CONCURRENT_TRANSACTIONS. At transaction.version 2 (Kafka 4's level for a new cluster,
+    whatever request versions the client speaks) the abort keeps the producer's epoch as the
+    last epoch: the producer's own KIP-360 retry gets the fencing epoch, until a new instance
+    bumps it again and fences it for good."""
     t = new_topic()
     tid = f"tx-ongoing-{t}"
-
-    def init(pid: int, epoch: int):
-        return raw.call("init_producer_id", 4, transactional_id=tid,
-                        transaction_timeout=timedelta(milliseconds=60000),
-                        producer_id=pid, producer_epoch=epoch)
-
-    first = init(-1, -1)
+    first = _init(raw, tid)
     pid, epoch = first.producer_id, first.producer_epoch
-    m = raw.mod("add_partitions_to_txn", 3, "request")
-    r = raw.call("add_partitions_to_txn", 3, v3_and_below_transactional_id=tid,
-                 v3_and_below_producer_id=pid, v3_and_below_producer_epoch=epoch,
-                 v3_and_below_topics=(m.AddPartitionsToTxnTopic(name=t, partitions=(0,)),))
-    assert r.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code == ErrorCode.none
+    assert _add_partition(raw, tid, pid, epoch, t) == ErrorCode.none
     assert raw.produce(t, 0, make_batch(2, pid=pid, epoch=epoch, seq=0, txn=True), txn_id=tid)[0] == ErrorCode.none
-    bump = init(pid, epoch)  # the producer itself asks for a bump while its transaction is open
+    bump = _init(raw, tid, pid, epoch)  # the producer itself asks for a bump while its transaction is open
     assert bump.error_code == ErrorCode.concurrent_transactions
-    assert raw.fetch(t, 0, 0, isolation=1).last_stable_offset == 3  # aborted: records + marker
-    assert init(pid, epoch).error_code == ErrorCode.producer_fenced
-    successor = init(-1, -1)
+    assert _await_lso(raw, t, 3) == 3  # aborted: records + marker
+    retry = until(lambda: _init(raw, tid, pid, epoch), not_concurrent)
+    assert retry.error_code == ErrorCode.none and (retry.producer_id, retry.producer_epoch) == (pid, epoch + 1)
+    again = _init(raw, tid, pid, epoch)  # a lost answer retried: the same epoch, no new bump
+    assert again.error_code == ErrorCode.none and again.producer_epoch == epoch + 1
+    # the old epoch stays fenced where it writes
+    assert raw.produce(t, 0, make_batch(1, pid=pid, epoch=epoch, seq=2, txn=True), txn_id=tid)[0] == \
+        ErrorCode.invalid_producer_epoch
+    assert _add_partition(raw, tid, pid, epoch, t) == ErrorCode.producer_fenced
+    successor = _init(raw, tid)  # a new instance
     assert successor.error_code == ErrorCode.none and successor.producer_epoch == epoch + 2
+    assert _init(raw, tid, pid, epoch + 1).error_code == ErrorCode.producer_fenced
+    assert _init(raw, tid, pid, epoch).error_code == ErrorCode.producer_fenced
+
+
+def test_init_producer_id_with_the_id_and_a_stale_epoch_aborts_the_ongoing_transaction(raw, new_topic):
+    """Kafka's prepareInitProducerIdTransit checks only the producer id while a transaction is
+    ongoing: an older instance giving the id and its stale epoch fences the current producer
+    (its transaction is aborted, it is PRODUCER_FENCED at EndTxn) and gets
+    CONCURRENT_TRANSACTIONS; its retry is then PRODUCER_FENCED, while the current producer may
+    take the fencing epoch (KIP-360)."""
+    t = new_topic()
+    tid = f"tx-zombie-{t}"
+    old = _init(raw, tid)
+    cur = _init(raw, tid)
+    pid, epoch = cur.producer_id, cur.producer_epoch
+    assert (pid, epoch) == (old.producer_id, old.producer_epoch + 1)
+    assert _add_partition(raw, tid, pid, epoch, t) == ErrorCode.none
+    assert raw.produce(t, 0, make_batch(1, pid=pid, epoch=epoch, seq=0, txn=True), txn_id=tid)[0] == ErrorCode.none
+    assert _init(raw, tid, pid, old.producer_epoch).error_code == ErrorCode.concurrent_transactions
+    assert _await_lso(raw, t, 2) == 2  # the current producer's record, aborted, and the marker
+    assert _end(raw, tid, pid, epoch, commit=True) == ErrorCode.producer_fenced
+    assert until(lambda: _init(raw, tid, pid, old.producer_epoch), not_concurrent).error_code == \
+        ErrorCode.producer_fenced
+    back = _init(raw, tid, pid, epoch)
+    assert back.error_code == ErrorCode.none and back.producer_epoch == epoch + 1
+    assert raw.fetch(t, 0, 0, isolation=1).aborted_transactions[0].producer_id == pid
+
+
+def test_idempotent_init_producer_id_always_gives_a_new_producer_id(raw):
+    """Kafka's handleInitProducerId without a transactional id ignores the id and epoch given:
+    a new producer id at epoch 0 (an idempotent producer bumps its epoch on its own)."""
+    pid, epoch = raw.init_pid()
+    r = raw.call("init_producer_id", 4, transactional_id=None,
+                 transaction_timeout=timedelta(milliseconds=60000), producer_id=pid, producer_epoch=epoch)
+    assert r.error_code == ErrorCode.none and r.producer_id != pid and r.producer_epoch == 0
+
+
+def test_timed_out_transaction_is_aborted_and_its_producer_may_take_the_bumped_epoch(raw, broker, new_topic):
+    """A transaction older than its transaction.timeout.ms is aborted with an epoch bump. The
+    producer's old epoch is then fenced everywhere: INVALID_PRODUCER_EPOCH where it writes (its
+    partitions, TxnOffsetCommit to __consumer_offsets), PRODUCER_FENCED at the transaction
+    coordinator. At transaction.version 2 (Kafka 4) the abort keeps its epoch as the last
+    epoch, so InitProducerId(its id, its epoch) gives it the bumped epoch (KIP-360) and it goes
+    on, until a new instance bumps the epoch again."""
+    t = new_topic()
+    tid, group = f"tx-timeout-{t}", f"g-timeout-{t}"
+    first = _init(raw, tid, timeout_ms=1000)
+    pid, epoch = first.producer_id, first.producer_epoch
+    assert _add_partition(raw, tid, pid, epoch, t) == ErrorCode.none
+    assert raw.produce(t, 0, make_batch(1, pid=pid, epoch=epoch, seq=0, txn=True), txn_id=tid)[0] == ErrorCode.none
+    r = raw.txn(tid, "add_offsets_to_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch,
+                group_id=group)
+    assert r.error_code == ErrorCode.none
+    tm = raw.mod("txn_offset_commit", 3, "request")
+
+    def offset_commit(ep: int) -> ErrorCode:
+        resp = raw.group(group, "txn_offset_commit", 3, transactional_id=tid, group_id=group, producer_id=pid,
+                         producer_epoch=ep, generation_id=-1, member_id="", group_instance_id=None,
+                         topics=(tm.TxnOffsetCommitRequestTopic(name=t, partitions=(
+                             tm.TxnOffsetCommitRequestPartition(partition_index=0, committed_offset=1,
+                                                                committed_leader_epoch=-1,
+                                                                committed_metadata=""),)),))
+        return resp.topics[0].partitions[0].error_code
+
+    assert offset_commit(epoch) == ErrorCode.none
+    began = time.monotonic()
+    # Kafka looks for timed-out transactions every 10 s
+    # (transaction.abort.timed.out.transaction.cleanup.interval.ms), devbroker every 50 ms
+    assert _await_lso(raw, t, 2, timeout=1 + 10 + 10) == 2  # the record, aborted, and its marker
+    if broker.kind == "devbroker":  # a deliberate difference: devbroker/README.md
+        assert time.monotonic() - began < 1 + 2.0
+    assert raw.produce(t, 0, make_batch(1, pid=pid, epoch=epoch, seq=1, txn=True), txn_id=tid)[0] == \
+        ErrorCode.invalid_producer_epoch
+    assert offset_commit(epoch) == ErrorCode.invalid_producer_epoch
+    assert _add_partition(raw, tid, pid, epoch, t) == ErrorCode.producer_fenced
+    assert _end(raw, tid, pid, epoch, commit=True) == ErrorCode.producer_fenced
+    back = until(lambda: _init(raw, tid, pid, epoch, timeout_ms=1000), not_concurrent)
+    assert back.error_code == ErrorCode.none and (back.producer_id, back.producer_epoch) == (pid, epoch + 1)
+    ep = back.producer_epoch
+    assert _add_partition(raw, tid, pid, ep, t) == ErrorCode.none
+    assert raw.produce(t, 0, make_batch(1, pid=pid, epoch=ep, seq=0, txn=True), txn_id=tid)[0] == ErrorCode.none
+    assert _end(raw, tid, pid, ep, commit=True) == ErrorCode.none
+    assert _await_lso(raw, t, 4) == 4
+    successor = _init(raw, tid)
+    assert successor.error_code == ErrorCode.none and successor.producer_epoch == ep + 1
+    assert _init(raw, tid, pid, epoch).error_code == ErrorCode.producer_fenced

@@ -48,10 +48,17 @@ def test_read_from_middle_of_batch_and_max_bytes(log):
         log.append(make_batch(3))
     size = len(make_batch(3))
     assert split_batches(log.read(4, log.hw, 1 << 20, True))[0][2] == 3
-    assert len(log.read(0, log.hw, size * 2 + 5, True)) == size * 2
-    # first batch bigger than the limit: one whole batch when it is the first of the response
-    assert len(log.read(0, log.hw, 10, True)) == size
+    whole = log.read(0, log.hw, 1 << 20, True)
+    assert len(whole) == size * 4
+    # Kafka's LogSegment.read: max_bytes of the log, the last batch cut short if need be
+    assert log.read(0, log.hw, size * 2 + 5, True) == whole[:size * 2 + 5]
+    # first batch bigger than the limit: one whole batch when it is the first of the response,
+    # else nothing (Fetch v3+ never answers a partial first batch)
+    assert log.read(0, log.hw, 10, True) == whole[:size]
     assert log.read(0, log.hw, 10, False) == b""
+    assert log.read(4, log.hw, size + 1, False) == whole[size:size * 2 + 1]
+    # the upper bound (HW or LSO) is a batch boundary: nothing from the batch at it
+    assert log.read(0, 6, 1 << 20, True) == whole[:size * 2]
 
 
 def test_corrupt_batch_rejected(log):
