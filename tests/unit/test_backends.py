@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import pathlib
 
 import numpy as np
@@ -31,8 +32,13 @@ USABLE = usable_backends()
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed (pip install 'sluice[train]')")
 
 
+#: SLUICE_REQUIRE_GPU=1 (the README's GPU command): a GPU test whose backend is not usable fails
+#: with the backend's own error instead of skipping, so a broken install is never green by accident.
+REQUIRE_GPU = os.environ.get("SLUICE_REQUIRE_GPU", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _needs(backend: str, device: str = "cuda"):
-    return pytest.mark.skipif(device not in USABLE.get(backend, []),
+    return pytest.mark.skipif(device not in USABLE.get(backend, []) and not REQUIRE_GPU,
                               reason=f"backend {backend!r} on {device} is not usable here (needs an NVIDIA GPU and "
                                      f"pip install 'sluice[gpu]'; TensorRT: 'sluice[tensorrt]' from NVIDIA's index)")
 

@@ -1,4 +1,5 @@
-"""Inference backends (onnxruntime now; tensorrt and torch plug into the same registry)."""
+"""Inference backends behind one protocol: onnxruntime (CPU, CUDA EP, TensorRT EP), native TensorRT
+and torch, the batch-invariance wrapper, the scoring pool, and ``bench`` (sluice bench-inference)."""
 
 from workers.inference.base import (
     BACKENDS,
