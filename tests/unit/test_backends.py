@@ -219,8 +219,8 @@ def test_gpu_engine_cache_is_reused_and_invalidated_when_the_model_file_changes(
     live.onnx_path.parent.mkdir()
     live.onnx_path.write_bytes(spec.onnx_path.read_bytes())
 
-    def engines():
-        return {p: p.stat().st_mtime_ns for p in engine_cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    def engines():  # engine files (native: <key>.engine; ORT's TensorRT EP: TensorrtExecutionProvider_*.engine)
+        return {p: p.stat().st_mtime_ns for p in engine_cache.rglob("*.engine") if p.is_file()}
 
     b = create_backend(live, backend, "cuda")
     b.warmup([1, 1024])
