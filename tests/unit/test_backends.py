@@ -126,9 +126,9 @@ def test_profile_covers_the_batch_sizes_in_use():
 
 
 # ---- GPU: run where a GPU and the gpu extra are present, skip with the reason elsewhere.
-# A GPU owner runs them with the README's command (GPU section):
-#   SLUICE_EXTRAS=dev,train,gpu-cu13 ./scripts/test -m gpu tests/unit -rs
-# plus `pip install 'sluice[tensorrt]' --extra-index-url https://pypi.nvidia.com` for the TensorRT ones.
+# A GPU owner runs them with the README's command (Models and backends, "Running the GPU tests"):
+#   rm -rf .venv && PIP_EXTRA_INDEX_URL=https://pypi.nvidia.com SLUICE_EXTRAS=dev,train,tensorrt-cu13 \
+#     SLUICE_REQUIRE_GPU=1 ./scripts/test -m gpu -rs -s tests/unit/test_backends.py
 
 #: batch sizes that exercise padding (15, 17), the 16-row multiple, the profile max (1024 after a
 #: warm-up of [1, 1024]) and cutting beyond it (1025, 4096)
