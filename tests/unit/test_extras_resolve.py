@@ -61,14 +61,14 @@ def test_resolution_rules_flag_both_runtimes_and_missing_cuda_libraries():
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SLUICE_SKIP_EXTRAS_RESOLVE") == "1", reason="SLUICE_SKIP_EXTRAS_RESOLVE=1")
 def test_extras_resolve_from_pypi_with_one_onnxruntime_each():
-    """pip --dry-run --report of cpu, gpu-cu13, gpu-cu12 and the GPU test environment (dev,train,gpu-cu13)."""
+    """pip --dry-run --report of cpu, gpu-cu12 and the GPU test environment (dev,train,gpu-cu13)."""
     results = ce.check(list(ce.DEFAULT_ENVS))
     report = {r["env"]: r["problems"] for r in results}
     assert all(not p for p in report.values()), report
     got = {r["env"]: r["packages"] for r in results}
     assert "onnxruntime" in got["cpu"] and "onnxruntime-gpu" not in got["cpu"]
-    for env in ("gpu-cu13", "gpu-cu12", "dev,train,gpu-cu13"):
+    for env in ("gpu-cu12", "dev,train,gpu-cu13"):
         assert "onnxruntime-gpu" in got[env] and "onnxruntime" not in got[env], env
     # the CUDA major of each extra: onnxruntime-gpu 1.27+ is the CUDA 13 build
     major = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
-    assert major(got["gpu-cu13"]["onnxruntime-gpu"]) >= (1, 27) > major(got["gpu-cu12"]["onnxruntime-gpu"])
+    assert major(got["dev,train,gpu-cu13"]["onnxruntime-gpu"]) >= (1, 27) > major(got["gpu-cu12"]["onnxruntime-gpu"])
