@@ -138,6 +138,13 @@ def test_both_onnxruntime_wheels_fail_the_gpu_start_with_the_fix(fake_gpu, monke
     assert not [c for c in fake_gpu if c[0] == "session"]
 
 
+def test_install_hints_name_the_extra_per_cuda_major_and_tensorrts_index():
+    # onnxruntime-gpu 1.27+ is built for CUDA 13; the hint used to say CUDA 12
+    assert "sluice[gpu-cu13]" in gpu_common.GPU_HINT and "CUDA 13" in gpu_common.GPU_HINT
+    assert "sluice[gpu-cu12]" in gpu_common.GPU_HINT and "CUDA 12" in gpu_common.GPU_HINT
+    assert "https://pypi.nvidia.com" in gpu_common.TENSORRT_HINT and "--find-links" in gpu_common.TENSORRT_HINT
+
+
 def test_no_gpu_seen_by_the_driver_fails_the_start(fake_gpu, monkeypatch, spec):
     monkeypatch.setattr(gpu_common, "cuda_device_count", lambda: 0)
     with pytest.raises(BackendUnavailable, match="sees 0 GPU"):

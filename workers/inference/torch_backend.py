@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from workers.inference.base import BackendUnavailable
-from workers.inference.gpu_common import GPU_HINT, tf32_allowed
+from workers.inference.gpu_common import GPU_HINT, precision_tag, tf32_allowed
 
 if TYPE_CHECKING:  # pragma: no cover
     from workers.features import ModelSpec
@@ -126,6 +126,7 @@ class TorchBackend:
             "device": self.device,
             "torch": getattr(torch, "__version__", None),
             "intra_op_threads": self.threads,
+            "precision": "fp32" if self.device == "cpu" else precision_tag(False, tf32_allowed()),
             "model": self.spec.name,
             "model_version": self.spec.version,
             "module": str(self.spec.torch_module_path),
