@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from .readers import read_values
 
@@ -19,10 +19,40 @@ from .readers import read_values
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# A coordinator that is loading its __consumer_offsets / __transaction_state partition (on a
+# fresh Kafka, and after every Kafka restart until the partition is read back), or that the
+# client has not found again yet, answers with these; librdkafka hands some of them to the
+# application, which retries. devbroker is ready when it listens, so it never sends them.
+COORDINATOR_NOT_READY = {KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_COORDINATOR,
+                         KafkaError.COORDINATOR_NOT_AVAILABLE}
+
+
+def retrying(call, timeout: float = 30.0):
+    """call() again while it fails with a retriable error or a coordinator not ready yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except KafkaException as e:
+            err = e.args[0]
+            if err.fatal() or time.monotonic() >= deadline or not (
+                    err.retriable() or err.code() in COORDINATOR_NOT_READY):
+                raise
+            time.sleep(0.2)
+
+
 def _committed(bootstrap, group, topic):
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        return c.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+        return retrying(lambda: c.committed([TopicPartition(topic, 0)], timeout=10))[0].offset
+    finally:
+        c.close()
+
+
+def _commit(bootstrap, group, topic, offset):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        retrying(lambda: c.commit(offsets=[TopicPartition(topic, 0, offset)], asynchronous=False))
     finally:
         c.close()
 
@@ -35,9 +65,7 @@ def test_restart_preserves_records_offsets_and_open_transactions(fresh_broker, h
     for i in range(100):
         p.produce(topic, b"r%d" % i)
     assert p.flush(10) == 0
-    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group})
-    c.commit(offsets=[TopicPartition(topic, 0, 42)], asynchronous=False)
-    c.close()
+    _commit(b.bootstrap, group, topic, 42)
     tp = Producer({"bootstrap.servers": b.bootstrap, "transactional.id": f"tx-{how}", "linger.ms": 1})
     tp.init_transactions(10)
     tp.begin_transaction()
@@ -51,8 +79,9 @@ def test_restart_preserves_records_offsets_and_open_transactions(fresh_broker, h
     assert _committed(b.bootstrap, group, topic) == 42
     assert len(read_values(b.bootstrap, topic, "read_committed", 100)) == 100
     assert len(read_values(b.bootstrap, topic, "read_uncommitted", 101)) == 101
-    # the open transaction survived: the same producer commits it after reconnecting
-    tp.commit_transaction(20)
+    # the open transaction survived: the same producer commits it after reconnecting (a
+    # retriable failure, such as a coordinator still loading, leaves it to be committed again)
+    retrying(lambda: tp.commit_transaction(20), timeout=60)
     got = read_values(b.bootstrap, topic, "read_committed", 101)
     assert len(got) == 101 and got[-1] == b"pending"
     # the idempotent producer goes on without duplicates
@@ -142,9 +171,7 @@ def test_deleted_topic_recreated_has_no_old_records_or_committed_offsets(fresh_b
     for i in range(5):
         p.produce(topic, b"old%d" % i)
     assert p.flush(10) == 0
-    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group, "enable.auto.commit": False})
-    c.commit(offsets=[TopicPartition(topic, 0, 4)], asynchronous=False)
-    c.close()
+    _commit(b.bootstrap, group, topic, 4)
     assert _committed(b.bootstrap, group, topic) == 4
     for f in a.delete_topics([topic]).values():
         f.result()
@@ -157,9 +184,13 @@ def test_deleted_topic_recreated_has_no_old_records_or_committed_offsets(fresh_b
 
 
 def test_group_membership_survives_restart_without_rebalance(fresh_broker):
-    """Kafka keeps group metadata (generation, members, assignment) in __consumer_offsets:
-    a consumer keeps its member id and assignment across a broker SIGKILL + restart (no
-    revoke/assign) and its commits with the pre-restart generation are accepted."""
+    """Kafka keeps group metadata (generation, members, assignment) in __consumer_offsets and
+    reloads it when the coordinator starts, giving each member a fresh session: a consumer
+    keeps its member id and assignment across a broker SIGKILL + restart (no revoke/assign,
+    no lost) and its commits with the pre-restart generation are accepted, provided its
+    session outlasts the restart. Kafka takes seconds to restart (a JVM, log recovery, the
+    coordinator loading its partition): with the 6 s session of the other tests librdkafka's
+    own session timer expires meanwhile and it declares its assignment lost, as it must."""
     b = fresh_broker
     topic, group = "member-restart", "member-restart-group"
     p = Producer({"bootstrap.servers": b.bootstrap})
@@ -168,7 +199,7 @@ def test_group_membership_survives_restart_without_rebalance(fresh_broker):
     assert p.flush(10) == 0
     events: list[str] = []
     c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group, "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
+                  "auto.offset.reset": "earliest", "session.timeout.ms": 60000,
                   "heartbeat.interval.ms": 200})
     c.subscribe([topic], on_assign=lambda *_: events.append("assign"),
                 on_revoke=lambda *_: events.append("revoke"), on_lost=lambda *_: events.append("lost"))
@@ -180,14 +211,17 @@ def test_group_membership_survives_restart_without_rebalance(fresh_broker):
             got.append(m)
     assert len(got) == 2 and events == ["assign"]
     c.commit(got[-1], asynchronous=False)
+    restart_began = time.monotonic()
     b.restart(kill=True)
-    deadline = time.monotonic() + 15
+    assert time.monotonic() - restart_began < 45, "the restart outlasted the consumer's session"
+    deadline = time.monotonic() + 30
     while len(got) < 4 and time.monotonic() < deadline:
         m = c.poll(0.2)
         if m is not None and not m.error():
             got.append(m)
     assert [m.value() for m in got] == [b"m0", b"m1", b"m2", b"m3"]
-    c.commit(got[-1], asynchronous=False)  # raises on UNKNOWN_MEMBER_ID / ILLEGAL_GENERATION
+    # raises on UNKNOWN_MEMBER_ID / ILLEGAL_GENERATION (retries only a coordinator still loading)
+    retrying(lambda: c.commit(got[-1], asynchronous=False))
     end = time.monotonic() + 1.5  # a few heartbeats after the restart
     while time.monotonic() < end:
         c.poll(0.1)
