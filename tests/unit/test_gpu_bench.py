@@ -8,7 +8,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 
 from workers.features import ModelSpec
 from workers.inference import bench
