@@ -215,7 +215,7 @@ def test_an_exception_that_cannot_be_unpickled_still_reaches_the_worker_as_text(
     from multiprocessing import Pipe
     import pickle
 
-    from workers.inference.pool import _send
+    from workers.inference.pipes import send as _send
 
     reader, writer = Pipe(duplex=False)
     assert _send(writer, ("raised", _TwoArgError(7, "backend on fire")))
