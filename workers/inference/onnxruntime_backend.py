@@ -92,7 +92,7 @@ class OnnxRuntimeBackend:
     def _ort(self):
         try:
             import onnxruntime as ort
-        except ImportError as e:  # pragma: no cover - a core dependency
+        except ImportError as e:  # `pip install .` alone: onnxruntime comes with the cpu / gpu-* extras
             raise BackendUnavailable(f"onnxruntime is not installed: {CPU_HINT} ({e})") from e
         if not self.spec.onnx_path.is_file():
             raise ValueError(
