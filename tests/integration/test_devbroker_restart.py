@@ -213,7 +213,10 @@ def test_group_membership_survives_restart_without_rebalance(fresh_broker):
     c.commit(got[-1], asynchronous=False)
     restart_began = time.monotonic()
     b.restart(kill=True)
-    assert time.monotonic() - restart_began < 45, "the restart outlasted the consumer's session"
+    restart_s = time.monotonic() - restart_began
+    assert restart_s < 45, "the restart outlasted the consumer's session"
+    if b.kind == "devbroker":  # a deliberate difference: devbroker/README.md
+        assert restart_s < 6, "devbroker restarts within even the shortest session timeout"
     deadline = time.monotonic() + 30
     while len(got) < 4 and time.monotonic() < deadline:
         m = c.poll(0.2)
