@@ -49,7 +49,8 @@ NON_SETTING_ENV = {"SLUICE_TEST_BROKER", "SLUICE_TEST_BOOTSTRAP",
                    # scripts/deploy-tools and scripts/check-deploy (deploy/README.md, "Validating deploy/")
                    "SLUICE_SKIP_DEPLOY_TOOLS", "SLUICE_TOOLS_DIR", "SLUICE_CACHE_DIR", "SLUICE_K8S_VERSION",
                    "SLUICE_K8S_SCHEMAS", "SLUICE_CRD_SCHEMAS", "SLUICE_BIN"}
-TOOLS_CACHE = Path(os.environ.get("SLUICE_TOOLS_DIR") or Path.home() / ".cache" / "sluice" / "tools")
+TOOLS_CACHE = Path(os.environ.get("SLUICE_TOOLS_DIR")
+                   or Path(os.environ.get("SLUICE_CACHE_DIR") or Path.home() / ".cache" / "sluice") / "tools")
 
 _SELECTOR = re.compile(r"\b(sluice_[a-zA-Z0-9_]+)\s*(\{[^}]*\})?")
 _LABEL_MATCH = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
