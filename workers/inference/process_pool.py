@@ -204,7 +204,8 @@ class ProcessScoringPool(ScoringPool):
                 at = proc.since + self.deadline_s
                 if now >= at:
                     exc = self._timeout(f"scoring process {proc.pid}")
-                    log.error("scoring process hung; killing it", extra={"pid": proc.pid, "deadline_s": self.deadline_s})
+                    log.error("scoring process hung; killing it",
+                              extra={"pid": proc.pid, "deadline_s": self.deadline_s})
                     proc.kill()
                     self._break(exc)
                     raise self._broken_again()

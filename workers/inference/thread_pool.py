@@ -132,7 +132,8 @@ class ThreadScoringPool(ScoringPool):
             at = self._began[i] + self.deadline_s
             if now >= at:
                 self._break(self._timeout(f"scoring thread {i}"))
-                log.error("scoring thread hung; abandoning it", extra={"scoring_thread": i, "deadline_s": self.deadline_s})
+                log.error("scoring thread hung; abandoning it",
+                          extra={"scoring_thread": i, "deadline_s": self.deadline_s})
                 raise type(self._broken)(*self._broken.args)
             if hang_at is None or at < hang_at:
                 hang_at = at
