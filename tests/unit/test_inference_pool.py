@@ -73,15 +73,20 @@ def test_pool_scores_like_the_worker_process_in_submission_order(processes):
         assert not _alive(pid), f"scoring process {pid} outlived the pool"
 
 
-def test_a_model_that_cannot_load_fails_start_with_the_reason():
-    pool = ScoringPool(ScorerConfig(MODEL, backend="no-such-backend"), processes=1)
+MODES = [pytest.param(1, id="process"), pytest.param(0, id="thread")]
+
+
+@pytest.mark.parametrize("processes", MODES)
+def test_a_model_that_cannot_load_fails_start_with_the_reason(processes):
+    pool = ScoringPool(ScorerConfig(MODEL, backend="no-such-backend"), processes=processes)
     with pytest.raises(ScoringStartError, match="unknown inference backend 'no-such-backend'"):
         pool.start(timeout=120)
     pool.shutdown()
 
 
-def test_a_backend_named_by_import_path_loads_in_the_scoring_process():
-    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=1)
+@pytest.mark.parametrize("processes", MODES)
+def test_a_backend_named_by_import_path_loads_in_the_scoring_process(processes):
+    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=processes)
     try:
         pool.start(timeout=120)
         out = pool.submit(_batches(1, 10, 0.0)[0], "flows", [0] * 10, list(range(10))).result(timeout=60)
@@ -161,9 +166,10 @@ def test_batches_larger_than_a_pipe_queue_up_and_come_back_whole_and_in_order():
         pool.shutdown()
 
 
-def test_shutdown_with_cancel_drops_queued_batches_and_finishes_the_running_one(monkeypatch):
+@pytest.mark.parametrize("processes", MODES)
+def test_shutdown_with_cancel_drops_queued_batches_and_finishes_the_running_one(monkeypatch, processes):
     monkeypatch.setenv("SLUICE_TEST_BACKEND_DELAY_S", "0.3")
-    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=1)
+    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=processes)
     pool.start(timeout=120)
     batch = _batches(1, 10, 0.0)[0]
     futs = [pool.submit(batch, "flows", [0] * 10, list(range(10))) for _ in range(5)]
@@ -174,7 +180,7 @@ def test_shutdown_with_cancel_drops_queued_batches_and_finishes_the_running_one(
     assert time.monotonic() - t0 < 5 * 0.3
     assert futs[0].done() and not futs[0].cancelled() and len(futs[0].result().records) == 10
     assert any(f.cancelled() for f in futs)
-    assert not _alive(pool.pids[0])
+    assert all(_alive(pid) is False for pid in pool.pids)
 
 
 def test_an_idle_scoring_process_that_dies_fails_the_next_batch_at_once():
@@ -194,9 +200,11 @@ def test_an_idle_scoring_process_that_dies_fails_the_next_batch_at_once():
         pool.shutdown()
 
 
-def test_shutdown_lets_a_running_batch_finish_while_an_idle_process_stops(monkeypatch):
+@pytest.mark.parametrize("processes", [pytest.param(2, id="process"), pytest.param(0, id="thread")])
+def test_shutdown_lets_a_running_batch_finish_while_an_idle_process_stops(monkeypatch, processes):
     monkeypatch.setenv("SLUICE_TEST_BACKEND_DELAY_S", "0.5")
-    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=2)
+    pool = ScoringPool(ScorerConfig(MODEL, backend="tests.backends:SlowOnnxRuntime"), processes=processes,
+                       threads=2)
     pool.start(timeout=120)
     fut = pool.submit(_batches(1, 10, 0.0)[0], "flows", [0] * 10, list(range(10)))
     time.sleep(0.1)

@@ -5,6 +5,7 @@ pool call ends within a named deadline, with a typed error the worker maps to it
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from concurrent.futures import BrokenExecutor
@@ -82,16 +83,20 @@ def test_a_hung_backend_makes_wait_raise_scoring_timeout_within_the_deadline(pro
 def test_a_scoring_process_stopped_halfway_through_a_result_does_not_stall_the_orchestrator():
     # 20000 events: a result of about 5 MB, far more than the 1 MiB results pipe, so the
     # scoring process is still writing it when it is stopped.
-    pool = ScoringPool(ScorerConfig(MODEL, warmup_batch_sizes=(1,)), processes=1, deadline_s=8.0)
+    pool = ScoringPool(ScorerConfig(MODEL, warmup_batch_sizes=(1,)), processes=1, deadline_s=5.0)
     try:
         pool.start(timeout=120)
         batch = _batch(20000)
         fut = pool.submit(batch, "flows", [0] * len(batch), list(range(len(batch))))
+        # Feed the 6 MB task through the transport without reading any result, then stop the
+        # process as soon as its result starts to arrive: at most one pipeful (1 MiB) can be in.
         proc = pool._procs[0]
         deadline = time.monotonic() + 30
-        while not (proc._head or proc._body is not None):  # until part of the result has arrived
-            assert time.monotonic() < deadline and not fut.done()
-            pool.wait(fut, 0.005)
+        while proc.out:
+            assert time.monotonic() < deadline
+            proc.write()
+            select.select([], [proc.task_fd], [], 0.05)
+        assert select.select([proc.result_fd], [], [], 30)[0], "no result began to arrive"
         os.kill(pool.pids[0], signal.SIGSTOP)
         t0 = time.monotonic()
         assert not pool.wait(fut, 0.3)
@@ -99,7 +104,7 @@ def test_a_scoring_process_stopped_halfway_through_a_result_does_not_stall_the_o
         assert time.monotonic() - t0 < 1.5, "a half-arrived result blocked the orchestrator"
         with pytest.raises(ScoringTimeout):
             pool.wait(fut, None)
-        assert time.monotonic() - t0 < 8.0 + 3.0
+        assert time.monotonic() - t0 < 5.0 + 3.0
     finally:
         try:
             os.kill(pool.pids[0], signal.SIGCONT)

@@ -118,7 +118,7 @@ def test_a_stale_result_arriving_after_a_generation_bump_is_not_returned(process
         pool.shutdown(wait=True, cancel=True)
 
 
-@pytest.mark.parametrize("processes", MODES)
+@pytest.mark.parametrize("processes", [pytest.param(2, id="2-processes"), pytest.param(0, id="2-threads")])
 def test_the_pool_scores_normally_after_many_drops(processes, calls):
     pool = ScoringPool(COUNTING, processes=processes, threads=2)
     try:
