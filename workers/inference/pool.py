@@ -172,8 +172,9 @@ class ScoringPool(abc.ABC):
 
     @abc.abstractmethod
     def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
-        """Stop the executors; ``cancel`` drops queued batches (a running one finishes, within
-        ``stop_timeout_s``; one only of dropped work is not waited for)."""
+        """Stop the executors; ``cancel`` drops queued batches. A running batch may finish
+        within ``stop_timeout_s``; an executor busy only with dropped work, still loading its
+        model, or past that time is killed (a thread: abandoned), never waited for."""
 
     @property
     def writing(self) -> bool:
