@@ -236,8 +236,12 @@ def load_config(path: str | Path | None):
 # ----------------------------------------------------------------------------- faust app
 
 
-def _topic_partitions(admin_conf: dict, topic: str, create_partitions: int, timeout: float = 30.0) -> int:
-    """Partition count of ``topic``, creating it (``create_partitions``) when it does not exist."""
+def _topic_partitions(admin_conf: dict, topic: str, create_partitions: int, timeout: float = 30.0, *,
+                      replication: int = -1, config: dict[str, str] | None = None) -> int:
+    """Partition count of ``topic``, creating it (``create_partitions``) when it does not exist.
+
+    Returns once the topic shows in the cluster's metadata with its partitions.
+    """
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(admin_conf)
@@ -249,7 +253,8 @@ def _topic_partitions(admin_conf: dict, topic: str, create_partitions: int, time
         if t is not None and t.error is None and t.partitions:
             return len(t.partitions)
         if not created:
-            fs = admin.create_topics([NewTopic(topic, num_partitions=max(create_partitions, 1), replication_factor=-1)])
+            fs = admin.create_topics([NewTopic(topic, num_partitions=max(create_partitions, 1),
+                                               replication_factor=replication, config=dict(config or {}))])
             for f in fs.values():
                 try:
                     f.result(15)
@@ -261,8 +266,39 @@ def _topic_partitions(admin_conf: dict, topic: str, create_partitions: int, time
         time.sleep(0.5)
 
 
+def missing_codecs() -> list[str]:
+    """Kafka compression codecs aiokafka cannot decode here (gzip always works).
+
+    The worker's producer writes lz4 (workers/kafka/settings.py); another producer of the topic
+    may use snappy or zstd. aiokafka decodes those only with cramjam (its codec extras, which
+    ``sluice[faust]`` installs); without it the consumer crashes on the first such batch.
+    """
+    from aiokafka import codec
+
+    return [name for name, has in (("lz4", codec.has_lz4), ("snappy", codec.has_snappy), ("zstd", codec.has_zstd))
+            if not has()]
+
+
+def check_codecs() -> None:
+    """Refuse to start (ConfigError, exit 2) when aiokafka cannot decompress what producers write."""
+    from workers.exit_codes import ConfigError
+
+    missing = missing_codecs()
+    if missing:
+        raise ConfigError(
+            f"the drift aggregator's Kafka client (aiokafka) cannot decompress {', '.join(missing)} batches, and "
+            "the worker compresses its drift deltas with lz4: install the aggregator's extra, "
+            "pip install 'sluice[faust]' (it brings aiokafka[lz4,snappy,zstd])")
+
+
+#: faust tables (windows, seen, meta); each has a changelog topic ``<group_id>-<name>-changelog``
+_TABLES = ("drift-windows", "drift-seen", "drift-meta")
+
+
 def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None, tick_s: float = 1.0):
     import faust
+
+    check_codecs()  # before anything connects: crashing on the first delta is far worse
 
     bootstrap = settings.kafka.bootstrap_servers
     # [kafka] client (TLS, SASL) applies here too: librdkafka's names for the admin client,
@@ -277,6 +313,17 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
     report_parts = _topic_partitions(admin_conf, drift.reports_topic, parts)
     ticks_name = f"{drift.group_id}-ticks"
     _topic_partitions(admin_conf, ticks_name, parts)
+    # faust's internal topics, created here as faust would (changelogs compacted, one partition
+    # per source partition; the leader topic with one), and awaited in the metadata. Left to
+    # faust, they are created moments before the consumer joins its group: on Apache Kafka the
+    # join's metadata can miss a changelog just created, the table then has no changelog
+    # partition and the agent crashes on every delta (PartitionsMismatch) until aiokafka next
+    # refreshes its metadata, minutes later. faust skips topics that already exist.
+    rf = settings.topics.replication_factor
+    for table in _TABLES:
+        _topic_partitions(admin_conf, f"{drift.group_id}-{table}-changelog", parts, replication=rf,
+                          config={"cleanup.policy": "compact"})
+    _topic_partitions(admin_conf, f"{drift.group_id}-__assignor-__leader", 1, replication=rf)
     brokers = [f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()]
     app = faust.App(
         drift.group_id,
@@ -298,9 +345,7 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
         value_serializer="json",
     )
     reports = app.topic(drift.reports_topic, key_serializer="raw", value_serializer="raw")
-    windows = app.Table("drift-windows", default=None, partitions=parts)
-    seen = app.Table("drift-seen", default=None, partitions=parts)
-    meta = app.Table("drift-meta", default=None, partitions=parts)
+    windows, seen, meta = (app.Table(name, default=None, partitions=parts) for name in _TABLES)
     root = models_root or Path(settings.model.path).parent
     merger = WindowedMerger(drift, References(root), _Plain(windows), _Plain(seen), _Plain(meta))
 
