@@ -78,7 +78,8 @@ async def produce(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
     txns = b.txns
     out = []
     for td in req.topic_data:
-        t = b.topic(td.name, auto_create=True)
+        # Produce never creates a topic (Kafka creates one on Metadata only)
+        t = b.topics.get(td.name)
         parts = []
         for pd in td.partition_data:
             code = E.none
@@ -86,6 +87,9 @@ async def produce(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
             msg = None
             if t is None or not 0 <= pd.index < len(t.partitions):
                 code = E.unknown_topic_or_partition
+            elif _batch_count(pd.records) != 1:
+                # Kafka's ProduceRequest.validateRecords (v3+): exactly one record batch
+                code = E.invalid_record
             elif req.transactional_id is None and _has_txn_bit(pd.records):
                 code = E.invalid_record
                 msg = "transactional batch without a transactional id"
@@ -94,18 +98,30 @@ async def produce(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                 try:
                     base = log.append(pd.records or b"",
                                       lambda pid, ep, _t=td.name, _p=pd.index:
-                                      txns.check_produce(pid, ep, _t, _p),
+                                      txns.check_produce(req.transactional_id, pid, ep, _t, _p),
                                       t.max_message_bytes)
                 except ProduceError as e:
                     code = getattr(E, e.code)
                     msg = e.message
             parts.append(build(part_cls, index=pd.index, error_code=code, base_offset=base,
-                               log_append_time=None, log_start_offset=0, record_errors=(),
-                               error_message=msg))
+                               log_append_time=None,
+                               log_start_offset=t.partitions[pd.index].log_start if code == E.none else -1,
+                               record_errors=(), error_message=msg))
         out.append(build(topic_cls, name=td.name, partition_responses=tuple(parts)))
     if req.acks == 0:
         return None
     return s.make("ProduceResponse", responses=tuple(out), throttle_time=ZERO)
+
+
+def _batch_count(records: bytes | None) -> int:
+    """How many record batches `records` holds by their length fields (0 when empty; 2 stands
+    for "more than one"; a torn or corrupt one is left to the log's checks)."""
+    if not records:
+        return 0
+    if len(records) < 12:
+        return 1
+    first = 12 + int.from_bytes(records[8:12], "big", signed=True)
+    return 1 if first >= len(records) else 2
 
 
 def _has_txn_bit(records: bytes | None) -> bool:
@@ -204,8 +220,9 @@ async def list_offsets(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                 off, rts = log.offset_for_timestamp(log.max_ts[-1]) if log.bases else (-1, -1)
             else:  # the first record whose timestamp is >= ts, with that record's timestamp
                 off, rts = log.offset_for_timestamp(ts)
+            # no such record: Kafka answers offset, timestamp and leader epoch -1
             parts.append(build(p_cls, partition_index=lp.partition_index, error_code=E.none,
-                               timestamp=rts, offset=off, leader_epoch=0))
+                               timestamp=rts, offset=off, leader_epoch=0 if off >= 0 else -1))
         out.append(build(t_cls, name=lt.name, partitions=tuple(parts)))
     return s.make("ListOffsetsResponse", throttle_time=ZERO, topics=tuple(out))
 
@@ -223,18 +240,23 @@ async def create_topics(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
     r_cls = s.resp.CreatableTopicResult
     out = []
     for ct in req.topics:
-        configs = {c.name: c.value for c in ct.configs if c.value is not None}
+        configs = {c.name: c.value for c in ct.configs}
         if ct.replication_factor not in (-1, 1):
             code, msg = "invalid_replication_factor", "devbroker has a single broker: replication factor must be 1"
         elif ct.assignments:
             code, msg = "invalid_request", "manual replica assignment is not supported"
         else:
             code, msg = b.create_topic(ct.name, ct.num_partitions, configs, req.validate_only)
-        t = b.topics.get(ct.name)
-        out.append(build(r_cls, name=ct.name, topic_id=t.id if t else _uuid.UUID(int=0),
+        t = b.topics.get(ct.name) if not req.validate_only else None
+        if code != "none":
+            n = -1
+        elif t is not None:
+            n = len(t.partitions)
+        else:  # validate_only: what the topic would have, as Kafka answers
+            n = ct.num_partitions if ct.num_partitions > 0 else b.config.default_partitions
+        out.append(build(r_cls, name=ct.name, topic_id=t.id if t and code == "none" else _uuid.UUID(int=0),
                          error_code=getattr(E, code), error_message=msg, topic_config_error_code=E.none,
-                         num_partitions=len(t.partitions) if t and code == "none" else -1,
-                         replication_factor=1 if code == "none" else -1, configs=None))
+                         num_partitions=n, replication_factor=1 if code == "none" else -1, configs=None))
     return s.make("CreateTopicsResponse", throttle_time=ZERO, topics=tuple(out))
 
 

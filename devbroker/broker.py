@@ -13,6 +13,7 @@ from typing import Any
 
 from .log import PartitionLog
 from .state import Journal
+from .topic_configs import validate as validate_configs
 
 LEGAL_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 PID_BLOCK = 1000
@@ -146,6 +147,9 @@ class Broker:
             partitions = self.config.default_partitions
         if partitions <= 0:
             return "invalid_partitions", "number of partitions must be positive"
+        invalid = validate_configs(configs or {})
+        if invalid:
+            return "invalid_config", invalid
         if validate_only:
             return "none", None
         t = self._open_topic(name, partitions, uuid.uuid4(), configs or {})

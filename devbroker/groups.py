@@ -459,8 +459,8 @@ class GroupCoordinator:
     def leave(self, group_id: str, members: list[tuple[str, str | None]]) -> tuple[str, list[tuple[str, str | None, str]]]:
         g = self.groups.get(group_id)
         out = []
-        if g is None:
-            return "unknown_member_id", [(mid, iid, "unknown_member_id") for mid, iid in members]
+        if g is None:  # Kafka: no group-level error, each member is unknown
+            return "none", [(mid, iid, "unknown_member_id") for mid, iid in members]
         for mid, iid in members:
             if iid:
                 cur = g.static.get(iid)

@@ -88,10 +88,13 @@ class TxnCoordinator:
         self.broker.journal.append(t.record())
 
     # ---- produce-path check -----------------------------------------------------------------
-    def check_produce(self, pid: int, epoch: int, topic: str, partition: int) -> None:
-        t = self.by_pid.get(pid)
-        if t is None:
-            raise ProduceError("invalid_txn_state", "unknown transactional producer id")
+    def check_produce(self, tid: str | None, pid: int, epoch: int, topic: str, partition: int) -> None:
+        t = self.by_id.get(tid) if tid else None
+        if t is None or t.pid != pid:
+            # Kafka verifies a transactional write with the coordinator of its transactional
+            # id, which does not know that id / producer id pair
+            raise ProduceError("invalid_producer_id_mapping",
+                               "the transactional id is unknown or has another producer id")
         if epoch < t.epoch:
             raise ProduceError("invalid_producer_epoch", "producer epoch is fenced")
         if t.state != ONGOING or (topic, partition) not in t.partitions:

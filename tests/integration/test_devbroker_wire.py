@@ -205,15 +205,20 @@ class RawClient:
             return r
 
     # -- helpers ------------------------------------------------------------------------------
-    def produce(self, topic: str, partition: int, records: bytes, txn_id: str | None = None):
+    def produce(self, topic: str, partition: int, records: bytes, txn_id: str | None = None,
+                retry: bool = True, whole: bool = False):
+        """(error code, base offset), or the partition's whole answer; `retry=False` for a
+        topic that is meant not to exist."""
         m = self.mod("produce", 9, "request")
-        resp = self._leader_retried(
-            lambda: self.call("produce", 9, transactional_id=txn_id, acks=-1, timeout=timedelta(seconds=5),
-                              topic_data=(m.TopicProduceData(name=topic, partition_data=(
-                                  m.PartitionProduceData(index=partition, records=records),)),)),
-            _error_codes)
+
+        def send():
+            return self.call("produce", 9, transactional_id=txn_id, acks=-1, timeout=timedelta(seconds=5),
+                             topic_data=(m.TopicProduceData(name=topic, partition_data=(
+                                 m.PartitionProduceData(index=partition, records=records),)),))
+
+        resp = self._leader_retried(send, _error_codes) if retry else send()
         p = resp.responses[0].partition_responses[0]
-        return p.error_code, p.base_offset
+        return p if whole else (p.error_code, p.base_offset)
 
     def fetch(self, topic: str, partition: int, offset: int, max_wait_ms: int = 0, min_bytes: int = 1,
               max_bytes: int = 1 << 20, isolation: int = 0):
@@ -699,3 +704,105 @@ def test_timed_out_transaction_is_aborted_and_its_producer_may_take_the_bumped_e
     successor = _init(raw, tid)
     assert successor.error_code == ErrorCode.none and successor.producer_epoch == ep + 1
     assert _init(raw, tid, pid, epoch).error_code == ErrorCode.producer_fenced
+
+
+def _metadata_error(raw, topic: str) -> ErrorCode:
+    m = raw.mod("metadata", 12, "request")
+    r = raw.call("metadata", 12, topics=(m.MetadataRequestTopic(topic_id=None, name=topic),),
+                 allow_auto_topic_creation=False, include_topic_authorized_operations=False)
+    return r.topics[0].error_code
+
+
+def test_produce_creates_no_topic_and_takes_exactly_one_batch_per_partition(raw, new_topic):
+    """Kafka creates topics on Metadata only (auto.create.topics.enable), never on Produce;
+    and from Produce v3 each partition's records must be exactly one record batch
+    (ProduceRequest.validateRecords: INVALID_RECORD). A failed partition's log start offset
+    is -1."""
+    t = new_topic()
+    ghost = f"never-created-{t}"
+    p = raw.produce(ghost, 0, make_batch(1), retry=False, whole=True)
+    assert (p.error_code, p.base_offset, p.log_start_offset) == (ErrorCode.unknown_topic_or_partition, -1, -1)
+    time.sleep(0.5)
+    assert _metadata_error(raw, ghost) == ErrorCode.unknown_topic_or_partition
+    p = raw.produce(t, 0, make_batch(1) + make_batch(2), whole=True)
+    assert (p.error_code, p.base_offset, p.log_start_offset) == (ErrorCode.invalid_record, -1, -1)
+    assert raw.produce(t, 0, b"")[0] == ErrorCode.invalid_record
+    p = raw.produce(t, 0, make_batch(2), whole=True)
+    assert (p.error_code, p.base_offset, p.log_start_offset) == (ErrorCode.none, 0, 0)
+    assert raw.fetch(t, 0, 0).high_watermark == 2
+
+
+def test_transactional_produce_needs_its_transactional_ids_producer_id(raw, new_topic):
+    """Kafka verifies a transactional write with the coordinator of the request's
+    transactional id: an unknown id, or a producer id that is not that id's, is
+    INVALID_PRODUCER_ID_MAPPING (a known pair whose partition was not added is
+    INVALID_TXN_STATE: test_transactional_produce_to_partition_not_in_txn_is_rejected)."""
+    t = new_topic()
+    tid = f"tx-mapping-{t}"
+    pid, epoch = raw.init_pid(tid)
+    assert _add_partition(raw, tid, pid, epoch, t) == ErrorCode.none
+    batch = make_batch(1, pid, epoch, 0, txn=True)
+    assert raw.produce(t, 0, batch, txn_id=f"other-{t}")[0] == ErrorCode.invalid_producer_id_mapping
+    assert raw.produce(t, 0, make_batch(1, pid + 1000, 0, 0, txn=True), txn_id=tid)[0] == \
+        ErrorCode.invalid_producer_id_mapping
+    assert raw.produce(t, 0, batch, txn_id=tid) == (ErrorCode.none, 0)
+
+
+def test_leave_group_of_an_unknown_group_fails_each_member_only(raw):
+    """Kafka answers LeaveGroup (v3+) for a group it does not know with no group-level error
+    and UNKNOWN_MEMBER_ID for each member."""
+    group = f"g-raw-unknown-{time.time_ns()}"
+    lm = raw.mod("leave_group", 4, "request")
+    r = raw.group(group, "leave_group", 4, group_id=group,
+                  members=(lm.MemberIdentity(member_id="ghost", group_instance_id=None),))
+    assert r.error_code == ErrorCode.none
+    assert [(m.member_id, m.error_code) for m in r.members] == [("ghost", ErrorCode.unknown_member_id)]
+
+
+def test_list_offsets_without_a_match_answers_minus_one_everywhere(raw, new_topic):
+    """ListOffsets by timestamp (or max timestamp on an empty partition) with no record to
+    give: offset, timestamp and leader epoch -1, as Kafka answers."""
+    t = new_topic()
+    lo = raw.mod("list_offsets", 7, "request")
+
+    def lookup(ts: int):
+        r = raw.call("list_offsets", 7, replica_id=-1, isolation_level=0,
+                     topics=(lo.ListOffsetsTopic(name=t, partitions=(
+                         lo.ListOffsetsPartition(partition_index=0, current_leader_epoch=-1, timestamp=ts),)),))
+        p = r.topics[0].partitions[0]
+        return p.error_code, p.offset, p.timestamp, p.leader_epoch
+
+    assert lookup(-3) == (ErrorCode.none, -1, -1, -1)  # max timestamp, empty partition
+    assert raw.produce(t, 0, make_batch(1)) == (ErrorCode.none, 0)
+    assert lookup(int(time.time() * 1000) + 3_600_000) == (ErrorCode.none, -1, -1, -1)
+    assert lookup(0)[:2] == (ErrorCode.none, 0)
+    assert lookup(-1) == (ErrorCode.none, 1, -1, 0)
+
+
+def test_create_topics_validates_configs_and_validate_only_answers_the_topic(raw):
+    """Kafka's CreateTopics checks each config against LogConfig (unknown name, null, type,
+    range, choices: INVALID_CONFIG), and with validate_only answers the partitions the topic
+    would have without creating it."""
+    ct = raw.mod("create_topics", 7, "request")
+
+    def create(configs: dict, partitions: int = 2, validate_only: bool = False):
+        name = f"cfg-{time.time_ns()}"
+        r = raw.call("create_topics", 7, topics=(ct.CreatableTopic(
+            name=name, num_partitions=partitions, replication_factor=-1, assignments=(),
+            configs=tuple(ct.CreatableTopicConfig(name=k, value=v) for k, v in configs.items())),),
+            timeout=timedelta(seconds=10), validate_only=validate_only)
+        return name, r.topics[0]
+
+    for bad in ({"no.such.config": "1"}, {"retention.ms": None}, {"max.message.bytes": "abc"},
+                {"segment.bytes": "100"}, {"min.insync.replicas": "0"}, {"preallocate": "yes"},
+                {"compression.type": "none"}, {"cleanup.policy": "delete,forever"},
+                {"message.timestamp.type": "createtime"}, {"min.cleanable.dirty.ratio": "1.5"}):
+        name, r = create(bad)
+        assert (r.error_code, r.num_partitions) == (ErrorCode.invalid_config, -1), bad
+        assert _metadata_error(raw, name) == ErrorCode.unknown_topic_or_partition
+    name, r = create({"cleanup.policy": "compact,delete", "compression.type": "lz4",
+                      "max.message.bytes": "2000000"}, validate_only=True)
+    assert (r.error_code, r.num_partitions, r.replication_factor) == (ErrorCode.none, 2, 1)
+    time.sleep(0.5)
+    assert _metadata_error(raw, name) == ErrorCode.unknown_topic_or_partition
+
