@@ -160,9 +160,10 @@ async def fetch(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                 hw = log.hw
                 lso = log.lso
                 if off < log.log_start or off > hw:
+                    # an error partition carries no offsets (Kafka's FetchResponse.partitionResponse)
                     parts.append(build(pd_cls, partition_index=fp.partition,
-                                       error_code=E.offset_out_of_range, high_watermark=hw,
-                                       last_stable_offset=lso, log_start_offset=log.log_start,
+                                       error_code=E.offset_out_of_range, high_watermark=-1,
+                                       last_stable_offset=-1, log_start_offset=-1,
                                        aborted_transactions=None, records=b""))
                     continue
                 upper = lso if committed else hw

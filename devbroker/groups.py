@@ -347,9 +347,10 @@ class GroupCoordinator:
                 return
         g.generation += 1
         if not g.members:
+            # Kafka keeps an empty group's protocol type (DescribeGroups/ListGroups show it);
+            # the next member to join sets it again
             g.state = EMPTY
             g.protocol = None
-            g.protocol_type = None
             g.leader = None
             self._persist(g)
             return
@@ -520,7 +521,8 @@ class GroupCoordinator:
         names = set(self.groups) | set(self.offsets)
         for name in sorted(names):
             g = self.groups.get(name)
-            out.append((name, (g.protocol_type if g else None) or "consumer", g.state if g else EMPTY))
+            # a group only committed to (no member ever joined) has no protocol type, as in Kafka
+            out.append((name, (g.protocol_type if g else None) or "", g.state if g else EMPTY))
         return out
 
     def touch(self, group_id: str, member_id: str) -> None:

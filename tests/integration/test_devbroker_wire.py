@@ -353,7 +353,9 @@ def test_fetch_max_bytes_cuts_the_log_as_kafka_does(raw, new_topic):
     assert raw.fetch(t, 0, 0, max_bytes=len(big) + 10).records == log[:len(big) + 10]  # + partial
     assert raw.fetch(t, 0, 2).records == log  # from inside the first batch: from its start
     assert raw.fetch(t, 0, 5).records == log[len(big):]
-    assert raw.fetch(t, 0, 99).error_code == ErrorCode.offset_out_of_range
+    p = raw.fetch(t, 0, 99)  # an error partition carries no offsets
+    assert (p.error_code, p.high_watermark, p.last_stable_offset, p.log_start_offset, p.records) == \
+        (ErrorCode.offset_out_of_range, -1, -1, -1, b"")
 
 
 def test_api_versions_unknown_version_answers_v0_with_error(raw):
@@ -805,4 +807,37 @@ def test_create_topics_validates_configs_and_validate_only_answers_the_topic(raw
     assert (r.error_code, r.num_partitions, r.replication_factor) == (ErrorCode.none, 2, 1)
     time.sleep(0.5)
     assert _metadata_error(raw, name) == ErrorCode.unknown_topic_or_partition
+
+
+def test_an_emptied_group_keeps_its_protocol_type_a_committed_only_group_has_none(raw, new_topic):
+    """Kafka keeps the protocol type of a group whose members all left (Empty, "consumer"),
+    while a group that only ever had offsets committed (no member) has none ("")."""
+    t = new_topic()
+    group = f"g-raw-emptied-{time.time_ns()}"
+    r = _join_static(raw, group, None)
+    r = _join_static(raw, group, None, r.member_id)
+    assert r.error_code == ErrorCode.none
+    assert raw.group(group, "sync_group", 3, group_id=group, generation_id=r.generation_id, member_id=r.member_id,
+                     group_instance_id=None, assignments=()).error_code == ErrorCode.none
+    lm = raw.mod("leave_group", 4, "request")
+    left = raw.group(group, "leave_group", 4, group_id=group,
+                     members=(lm.MemberIdentity(member_id=r.member_id, group_instance_id=None),))
+    assert [m.error_code for m in left.members] == [ErrorCode.none]
+    simple = f"g-raw-simple-only-{time.time_ns()}"
+    om = raw.mod("offset_commit", 8, "request")
+    c = raw.group(simple, "offset_commit", 8, group_id=simple, generation_id_or_member_epoch=-1, member_id="",
+                  group_instance_id=None, topics=(om.OffsetCommitRequestTopic(name=t, partitions=(
+                      om.OffsetCommitRequestPartition(partition_index=0, committed_offset=1,
+                                                      committed_leader_epoch=-1, committed_metadata=""),)),))
+    assert c.topics[0].partitions[0].error_code == ErrorCode.none
+
+    def described(g):
+        d = raw.group(g, "describe_groups", 5, groups=(g,), include_authorized_operations=False).groups[0]
+        return d.error_code, d.group_state, d.protocol_type, d.protocol_data, d.members
+
+    assert described(group) == (ErrorCode.none, "Empty", "consumer", "", ())
+    assert described(simple) == (ErrorCode.none, "Empty", "", "", ())
+    listed = {x.group_id: (x.protocol_type, x.group_state)
+              for x in raw.call("list_groups", 4, states_filter=()).groups}
+    assert listed[group] == ("consumer", "Empty") and listed[simple] == ("", "Empty")
 
