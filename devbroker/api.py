@@ -221,6 +221,10 @@ async def list_offsets(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                 off, rts = log.offset_for_timestamp(log.max_ts[-1]) if log.bases else (-1, -1)
             else:  # the first record whose timestamp is >= ts, with that record's timestamp
                 off, rts = log.offset_for_timestamp(ts)
+            if ts not in (-1, -2) and off >= (log.lso if committed else log.hw):
+                # Kafka (Partition.fetchOffsetForTimestamp) answers only offsets below the
+                # last fetchable one: the LSO for read_committed, else the high watermark
+                off, rts = -1, -1
             # no such record: Kafka answers offset, timestamp and leader epoch -1
             parts.append(build(p_cls, partition_index=lp.partition_index, error_code=E.none,
                                timestamp=rts, offset=off, leader_epoch=0 if off >= 0 else -1))

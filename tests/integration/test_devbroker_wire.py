@@ -841,3 +841,37 @@ def test_an_emptied_group_keeps_its_protocol_type_a_committed_only_group_has_non
               for x in raw.call("list_groups", 4, states_filter=()).groups}
     assert listed[group] == ("consumer", "Empty") and listed[simple] == ("", "Empty")
 
+
+def test_list_offsets_by_timestamp_read_committed_stops_at_the_lso(raw, new_topic):
+    """Kafka's fetchOffsetForTimestamp answers only offsets below the last fetchable offset:
+    for read_committed a record at or after the LSO (held by an open transaction) is not
+    found (-1), by timestamp or max timestamp, while read_uncommitted finds it."""
+    t = new_topic()
+    lo = raw.mod("list_offsets", 7, "request")
+
+    def lookup(ts: int, isolation: int):
+        r = raw.call("list_offsets", 7, replica_id=-1, isolation_level=isolation,
+                     topics=(lo.ListOffsetsTopic(name=t, partitions=(
+                         lo.ListOffsetsPartition(partition_index=0, current_leader_epoch=-1, timestamp=ts),)),))
+        p = r.topics[0].partitions[0]
+        return p.error_code, p.offset
+
+    before = int(time.time() * 1000) - 1000
+    assert raw.produce(t, 0, make_batch(1)) == (ErrorCode.none, 0)
+    tid = f"tx-lookup-{t}"
+    pid, epoch = raw.init_pid(tid)
+    assert _add_partition(raw, tid, pid, epoch, t) == ErrorCode.none
+    time.sleep(0.02)
+    in_txn = int(time.time() * 1000)  # after record 0's timestamp, at most record 1's
+    assert raw.produce(t, 0, make_batch(1, pid, epoch, 0, txn=True), txn_id=tid) == (ErrorCode.none, 1)
+    assert raw.produce(t, 0, make_batch(1)) == (ErrorCode.none, 2)
+    after_first = int(time.time() * 1000) + 1  # no record is this late: none but by max timestamp
+    assert lookup(before, 1) == (ErrorCode.none, 0)
+    assert lookup(in_txn, 0) == (ErrorCode.none, 1) and lookup(in_txn, 1) == (ErrorCode.none, -1)
+    assert lookup(-3, 0) == (ErrorCode.none, 2) and lookup(-3, 1) == (ErrorCode.none, -1)
+    assert lookup(after_first, 0) == lookup(after_first, 1) == (ErrorCode.none, -1)
+    assert lookup(-1, 1) == (ErrorCode.none, 1) and lookup(-1, 0) == (ErrorCode.none, 3)
+    assert _end(raw, tid, pid, epoch, commit=True) == ErrorCode.none
+    until(lambda: lookup(-1, 1), lambda r: r[1] == 4, timeout=10)
+    assert lookup(-3, 1)[1] >= 2  # committed: found (the marker may hold the largest timestamp)
+
