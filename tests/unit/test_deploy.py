@@ -318,11 +318,14 @@ def test_helm_template_paths_exist_in_values() -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.skipif(_tool("helm") is None, reason="helm not installed (scripts/deploy-tools helm)")
 @pytest.mark.parametrize("flags", [[], ["--set", "keda.enabled=true", "--set", "serviceMonitor.enabled=true",
                                         "--set", "kafka.clientSecret=s", "--set", "keda.useClientSecret=true"]])
 def test_helm_renders(flags: list[str]) -> None:
+    # Looked up when the test runs, not when it is collected: tests/deploy (which runs first)
+    # builds the tools on a fresh machine.
     helm = _tool("helm")
+    if helm is None:
+        pytest.skip("helm not installed (scripts/deploy-tools helm)")
     subprocess.run([helm, "lint", str(HELM), *flags], check=True, capture_output=True)
     out = subprocess.run([helm, "template", "t", str(HELM), *flags], check=True, capture_output=True, text=True)
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -335,9 +338,10 @@ def test_helm_renders(flags: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- external tools
 
-@pytest.mark.skipif(_tool("promtool") is None, reason="promtool not installed (scripts/deploy-tools promtool)")
 def test_promtool_checks(tmp_path: Path) -> None:
     promtool = _tool("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (scripts/deploy-tools promtool)")
     subprocess.run([promtool, "check", "rules", str(ALERTS)], check=True, capture_output=True)
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text((DEPLOY / "prometheus" / "prometheus.yml").read_text())
