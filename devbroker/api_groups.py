@@ -62,6 +62,9 @@ async def leave_group(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
     return s.make("LeaveGroupResponse", throttle_time=ZERO, error_code=_e(code), members=out)
 
 
+OFFSET_METADATA_MAX_BYTES = 4096  # Kafka's offset.metadata.max.bytes default
+
+
 async def offset_commit(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
     gen = getattr(req, "generation_id_or_member_epoch", getattr(req, "generation_id", -1))
     code = b.groups.validate_member(req.group_id, gen, req.member_id,
@@ -74,8 +77,12 @@ async def offset_commit(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
         parts = []
         for p in t.partitions:
             pc = code
-            if pc == "none" and b.log(t.name, p.partition_index) is None:
+            # Kafka's order: KafkaApis drops unknown partitions before the coordinator checks
+            # the member; then each partition's metadata is checked (offset.metadata.max.bytes)
+            if b.log(t.name, p.partition_index) is None:
                 pc = "unknown_topic_or_partition"
+            elif pc == "none" and len(p.committed_metadata or "") > OFFSET_METADATA_MAX_BYTES:
+                pc = "offset_metadata_too_large"
             if pc == "none":
                 offs[(t.name, p.partition_index)] = (p.committed_offset, p.committed_metadata,
                                                      getattr(p, "committed_leader_epoch", -1))

@@ -10,6 +10,7 @@ from kio.schema.errors import ErrorCode as E
 from .api import Ctx
 from .broker import Broker
 from .protocol import ZERO, ApiSpec, build
+from .api_groups import OFFSET_METADATA_MAX_BYTES
 from .txn import TxnError
 
 # PRODUCER_FENCED (KIP-588) is only sent from these versions on; older ones get
@@ -76,22 +77,30 @@ async def txn_offset_commit(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
         code = b.groups.validate_member(req.group_id, getattr(req, "generation_id", -1),
                                         getattr(req, "member_id", "") or "",
                                         getattr(req, "group_instance_id", None), for_commit=False)
+    # per partition, as Kafka: unknown partitions are answered before the coordinator sees
+    # the request, metadata over offset.metadata.max.bytes after it has checked the member
+    own: dict[tuple[str, int], str] = {}
     offs = {}
-    if code == "none":
-        for t in req.topics:
-            for p in t.partitions:
+    for t in req.topics:
+        for p in t.partitions:
+            if b.log(t.name, p.partition_index) is None:
+                own[(t.name, p.partition_index)] = "unknown_topic_or_partition"
+            elif code == "none" and len(p.committed_metadata or "") > OFFSET_METADATA_MAX_BYTES:
+                own[(t.name, p.partition_index)] = "offset_metadata_too_large"
+            else:
                 offs[(t.name, p.partition_index)] = (p.committed_offset, p.committed_metadata,
                                                      getattr(p, "committed_leader_epoch", -1))
+    if code == "none":
         try:
             b.txns.txn_offset_commit(req.transactional_id, req.producer_id, req.producer_epoch,
                                      req.group_id, offs)
         except TxnError as e:
             code = e.code
-    c = _code(s, code)
     p_cls = s.resp.TxnOffsetCommitResponsePartition
     t_cls = s.resp.TxnOffsetCommitResponseTopic
     out = tuple(build(t_cls, name=t.name,
-                      partitions=tuple(build(p_cls, partition_index=p.partition_index, error_code=c)
+                      partitions=tuple(build(p_cls, partition_index=p.partition_index,
+                                             error_code=_code(s, own.get((t.name, p.partition_index), code)))
                                        for p in t.partitions))
                 for t in req.topics)
     return s.make("TxnOffsetCommitResponse", throttle_time=ZERO, topics=out)

@@ -160,9 +160,13 @@ class GroupCoordinator:
         information), in the order of Kafka's GroupCoordinator.validateOffsetCommit."""
         g = self.groups.get(group_id)
         with_member = generation >= 0 or bool(member_id) or bool(instance_id)
+        if for_commit and generation < 0 and (g is None or g.state == EMPTY):
+            return "none"  # a simple commit: an empty group takes it (Kafka creates one if need be)
         if g is None:
-            if not for_commit and with_member:
-                return "unknown_member_id"  # Kafka creates the empty group, then finds no member
+            # Kafka knows a group that only had offsets committed (the simple group it created
+            # then): it finds no such member there; an unknown group has no such generation
+            if with_member and (not for_commit or group_id in self.offsets):
+                return "unknown_member_id"
             return "illegal_generation" if for_commit and generation >= 0 else "none"
         if with_member:
             if instance_id:
@@ -411,11 +415,10 @@ class GroupCoordinator:
         g = self.groups.get(group_id)
         if g is None:
             return "unknown_member_id", b"", None
-        if instance_id and instance_id in g.static and g.static[instance_id] != member_id:
-            return "fenced_instance_id", b"", g
-        m = g.members.get(member_id)
-        if m is None:
-            return "unknown_member_id", b"", g
+        code = _validate_member(g, member_id, instance_id)
+        if code != "none":
+            return code, b"", g
+        m = g.members[member_id]
         if generation != g.generation:
             return "illegal_generation", b"", g
         m.last_seen = _mono()
@@ -445,11 +448,10 @@ class GroupCoordinator:
         g = self.groups.get(group_id)
         if g is None:
             return "unknown_member_id"
-        if instance_id and instance_id in g.static and g.static[instance_id] != member_id:
-            return "fenced_instance_id"
-        m = g.members.get(member_id)
-        if m is None:
-            return "unknown_member_id"
+        code = _validate_member(g, member_id, instance_id)
+        if code != "none":
+            return code
+        m = g.members[member_id]
         if generation != g.generation:
             return "illegal_generation"
         m.last_seen = _mono()
@@ -533,3 +535,19 @@ class GroupCoordinator:
     def info(self, group_id: str) -> dict[str, Any]:
         g = self.groups.get(group_id)
         return {"state": g.state if g else "Dead"}
+
+
+def _validate_member(g: "Group", member_id: str, instance_id: str | None) -> str:
+    """Kafka's ClassicGroup.validateMember (Heartbeat, SyncGroup): a static member is known by
+    its instance id, which must be mapped (else UNKNOWN_MEMBER_ID) to this member id (else
+    FENCED_INSTANCE_ID); a dynamic member by its member id."""
+    if instance_id:
+        cur = g.static.get(instance_id)
+        if cur is None:
+            return "unknown_member_id"
+        if cur != member_id:
+            return "fenced_instance_id"
+    if member_id not in g.members:
+        return "unknown_member_id"
+    return "none"
+

@@ -875,3 +875,81 @@ def test_list_offsets_by_timestamp_read_committed_stops_at_the_lso(raw, new_topi
     until(lambda: lookup(-1, 1), lambda r: r[1] == 4, timeout=10)
     assert lookup(-3, 1)[1] >= 2  # committed: found (the marker may hold the largest timestamp)
 
+
+def test_heartbeat_and_sync_know_a_static_member_by_its_instance_id(raw):
+    """Kafka's ClassicGroup.validateMember: with a group instance id, the id must be mapped
+    (else UNKNOWN_MEMBER_ID) to the member id given (else FENCED_INSTANCE_ID), also when the
+    member id itself is a member's."""
+    group = f"g-raw-validate-{time.time_ns()}"
+    a = _join_static(raw, group, "inst-a")
+    assert a.error_code == ErrorCode.none
+    assert raw.group(group, "sync_group", 3, group_id=group, generation_id=a.generation_id, member_id=a.member_id,
+                     group_instance_id="inst-a", assignments=()).error_code == ErrorCode.none
+
+    def heartbeat(member, instance):
+        return raw.group(group, "heartbeat", 3, group_id=group, generation_id=a.generation_id, member_id=member,
+                         group_instance_id=instance).error_code
+
+    def sync(member, instance):
+        return raw.group(group, "sync_group", 3, group_id=group, generation_id=a.generation_id, member_id=member,
+                         group_instance_id=instance, assignments=()).error_code
+
+    assert heartbeat(a.member_id, "inst-a") == ErrorCode.none
+    assert heartbeat(a.member_id, None) == ErrorCode.none
+    assert heartbeat(a.member_id, "inst-unknown") == ErrorCode.unknown_member_id
+    assert sync(a.member_id, "inst-unknown") == ErrorCode.unknown_member_id
+    assert heartbeat("someone-else", "inst-a") == ErrorCode.fenced_instance_id
+    assert sync("someone-else", "inst-a") == ErrorCode.fenced_instance_id
+
+
+def test_offset_commits_answer_unknown_partitions_first_and_refuse_oversized_metadata(raw, new_topic):
+    """Kafka answers UNKNOWN_TOPIC_OR_PARTITION for a partition that does not exist before the
+    coordinator looks at the member (KafkaApis filters them), and OFFSET_METADATA_TOO_LARGE
+    for metadata over offset.metadata.max.bytes (4096), in OffsetCommit and TxnOffsetCommit."""
+    t = new_topic()
+    group = f"g-raw-meta-{time.time_ns()}"
+    om = raw.mod("offset_commit", 8, "request")
+
+    def commit(gen: int, parts: list[tuple[str, int, str]]):
+        by_topic: dict[str, list] = {}
+        for topic, part, meta in parts:
+            by_topic.setdefault(topic, []).append(om.OffsetCommitRequestPartition(
+                partition_index=part, committed_offset=1, committed_leader_epoch=-1, committed_metadata=meta))
+        r = raw.group(group, "offset_commit", 8, group_id=group, generation_id_or_member_epoch=gen,
+                      member_id="", group_instance_id=None,
+                      topics=tuple(om.OffsetCommitRequestTopic(name=k, partitions=tuple(v))
+                                   for k, v in by_topic.items()))
+        return {(x.name, p.partition_index): p.error_code for x in r.topics for p in x.partitions}
+
+    ghost = f"ghost-{t}"
+    assert commit(-1, [(t, 0, "m" * 4096), (t, 1, ""), (ghost, 0, "")]) == {
+        (t, 0): ErrorCode.none, (t, 1): ErrorCode.unknown_topic_or_partition,
+        (ghost, 0): ErrorCode.unknown_topic_or_partition}
+    assert commit(-1, [(t, 0, "m" * 4097)]) == {(t, 0): ErrorCode.offset_metadata_too_large}
+    # the group the first commit made (a simple group, no member) knows no member; the
+    # partition check comes first
+    assert commit(7, [(t, 0, ""), (ghost, 0, "")]) == {
+        (t, 0): ErrorCode.unknown_member_id, (ghost, 0): ErrorCode.unknown_topic_or_partition}
+
+    tid = f"tx-meta-{t}"
+    pid, epoch = raw.init_pid(tid)
+    assert raw.txn(tid, "add_offsets_to_txn", 3, transactional_id=tid, producer_id=pid, producer_epoch=epoch,
+                   group_id=group).error_code == ErrorCode.none
+    tm = raw.mod("txn_offset_commit", 3, "request")
+
+    def txn_commit(parts: list[tuple[str, int, str]]):
+        by_topic: dict[str, list] = {}
+        for topic, part, meta in parts:
+            by_topic.setdefault(topic, []).append(tm.TxnOffsetCommitRequestPartition(
+                partition_index=part, committed_offset=2, committed_leader_epoch=-1, committed_metadata=meta))
+        r = raw.group(group, "txn_offset_commit", 3, transactional_id=tid, group_id=group, producer_id=pid,
+                      producer_epoch=epoch, generation_id=-1, member_id="", group_instance_id=None,
+                      topics=tuple(tm.TxnOffsetCommitRequestTopic(name=k, partitions=tuple(v))
+                                   for k, v in by_topic.items()))
+        return {(x.name, p.partition_index): p.error_code for x in r.topics for p in x.partitions}
+
+    assert txn_commit([(t, 0, "m" * 4097), (ghost, 0, "")]) == {
+        (t, 0): ErrorCode.offset_metadata_too_large, (ghost, 0): ErrorCode.unknown_topic_or_partition}
+    assert txn_commit([(t, 0, "ok")]) == {(t, 0): ErrorCode.none}
+    assert _end(raw, tid, pid, epoch, commit=True) == ErrorCode.none
+
