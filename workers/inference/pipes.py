@@ -186,6 +186,67 @@ def _enlarge(conn: Connection) -> None:
 
 # ------------------------------------------------------------ the orchestrator's end
 
+class FrameReader:
+    """Reads ``Connection.send_bytes`` frames from a non-blocking pipe, never blocking: a frame
+    still arriving is kept in pieces until it is whole.
+
+    The common case, a frame already whole in the pipe, costs two reads and no copy beyond
+    the kernel's.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.progressed = False         # the last read() took part of a frame, not all of it
+        self._head = bytearray()        # a frame's header, as far as it has arrived
+        self._need = -1                 # bytes of the frame under way still to come (-1: none under way)
+        self._chunks: list[bytes] = []  # what has arrived of it
+
+    def read(self) -> bytes | None:
+        """One whole frame's payload if it has arrived, else None. ``EOFError``: the writer's end closed."""
+        fd = self.fd
+        got = False  # bytes came in this call
+        if self._need < 0:  # between frames: the next one's header
+            head = self._head
+            while True:
+                want = (4 if len(head) < 4 else 12) - len(head)
+                try:
+                    chunk = os.read(fd, want)
+                except BlockingIOError:
+                    self.progressed = got
+                    return None
+                if not chunk:
+                    raise EOFError
+                got = True
+                head += chunk
+                if len(head) < 4:
+                    continue
+                n = struct.unpack_from("!i", head)[0]
+                if n == -1:
+                    if len(head) < 12:
+                        continue
+                    n = struct.unpack_from("!Q", head, 4)[0]
+                break
+            head.clear()
+            self._need = n
+        chunks = self._chunks
+        while self._need:
+            try:
+                chunk = os.read(fd, self._need)
+            except BlockingIOError:
+                self.progressed = got
+                return None
+            if not chunk:
+                raise EOFError
+            got = True
+            chunks.append(chunk)
+            self._need -= len(chunk)
+        self._need = -1
+        self.progressed = False
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return data
+
+
 class ScoringProcess:
     """The orchestrator's end of one scoring process: its pipes, buffers and in-order futures.
 
@@ -218,12 +279,9 @@ class ScoringProcess:
         self.waiting: deque = deque()     # futures sent or buffered, unanswered, in order
         self.polled_out = False           # the pool's poller watches `tasks` for room
         self.sent = 0                     # tasks begun in the pipe and not answered yet
-        self.since = 0.0                  # monotonic: last answer, or the first task begun since
+        self.since = 0.0                  # monotonic: last answer (or part of one), or first task since
         self.retired = False              # stopped (or lost): its pipes are out of the poller
-        self._head = bytearray()          # a result's frame header, as far as it has arrived
-        self._body: bytearray | None = None
-        self._view: memoryview | None = None
-        self._got = 0                     # bytes of _body arrived
+        self.reader = FrameReader(self.result_fd)
 
     def write(self) -> None:
         """Put as much of the buffered tasks into the pipe as it takes now (never blocks).
@@ -262,47 +320,17 @@ class ScoringProcess:
             dropped.append(self.waiting.pop())
         return dropped
 
-    def read(self) -> bytearray | None:
+    def read(self) -> bytes | None:
         """One whole result if it has arrived (never blocks), else None. ``EOFError``: the process's end closed."""
-        fd = self.result_fd
-        if self._body is None:
-            head = self._head
-            while True:
-                want = (4 if len(head) < 4 else 12) - len(head)
-                try:
-                    chunk = os.read(fd, want)
-                except BlockingIOError:
-                    return None
-                if not chunk:
-                    raise EOFError
-                head += chunk
-                if len(head) < 4:
-                    continue
-                n = struct.unpack_from("!i", head)[0]
-                if n == -1:
-                    if len(head) < 12:
-                        continue
-                    n = struct.unpack_from("!Q", head, 4)[0]
-                break
-            head.clear()
-            self._body = bytearray(n)
-            self._view = memoryview(self._body)
-            self._got = 0
-        body, view = self._body, self._view
-        size = len(body)
-        while self._got < size:
-            try:
-                k = os.readv(fd, [view[self._got:]])
-            except BlockingIOError:
-                return None
-            if not k:
-                raise EOFError
-            self._got += k
-        view.release()
-        self._body = self._view = None
-        return body
+        reader = self.reader
+        data = reader.read()
+        if data is None and reader.progressed:
+            # Part of a result (bigger than the pipe) came: the process is alive and writing,
+            # though its reader was away; its hang clock starts again.
+            self.since = time.monotonic()
+        return data
 
-    def read_by(self, deadline: float) -> bytearray | None:
+    def read_by(self, deadline: float) -> bytes | None:
         """One whole result, waiting for it until ``deadline`` (monotonic); None if it did not come."""
         poller = select.poll()
         poller.register(self.result_fd, select.POLLIN)
