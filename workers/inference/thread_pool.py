@@ -30,6 +30,9 @@ from workers.scoring import BatchScorer
 
 log = logging.getLogger("workers.inference.pool")
 
+# With nothing to wake it (no deadline, no batch being scored yet), ``wait`` still looks again this often.
+IDLE_WAKE_S = 1.0
+
 
 class ThreadScoringPool(ScoringPool):
     """``threads`` scoring threads, each with its own model."""
@@ -85,8 +88,8 @@ class ThreadScoringPool(ScoringPool):
             fut, args = task
             if fut.generation != self.generation or fut.done():
                 continue  # dropped before it began: never scored
+            began[i] = time.monotonic()  # before `current`: wait's hang check reads them in that order
             current[i] = fut
-            began[i] = time.monotonic()
             try:
                 result = scorer.score(*args)
             except Exception as exc:  # noqa: BLE001 - the worker decides (it stops, exit 70)
@@ -120,7 +123,9 @@ class ThreadScoringPool(ScoringPool):
                 return True
             if deadline is not None and now >= deadline:
                 return False
-            futures_wait([fut], self._next_wait(deadline, hang_at, now))
+            left = self._next_wait(deadline, hang_at, now)
+            # Capped: a batch a thread takes up meanwhile has its own hang clock to check.
+            futures_wait([fut], IDLE_WAKE_S if left is None else min(left, IDLE_WAKE_S))
             if fut.done():
                 return True
 
