@@ -72,12 +72,13 @@ class _DevBrokerHandle:
 
 
 def pytest_collection_modifyitems(config, items):
-    if BROKER_KIND == "devbroker":
-        return
-    skip = pytest.mark.skip(reason=f"needs devbroker (SLUICE_TEST_BROKER={BROKER_KIND})")
+    skip_dev = pytest.mark.skip(reason=f"needs devbroker (SLUICE_TEST_BROKER={BROKER_KIND})")
+    skip_kafka = pytest.mark.skip(reason="runs in the Apache Kafka pass (SLUICE_TEST_BROKER=kafka)")
     for item in items:
-        if "devbroker_only" in item.keywords:
-            item.add_marker(skip)
+        if "devbroker_only" in item.keywords and BROKER_KIND != "devbroker":
+            item.add_marker(skip_dev)
+        if "kafka_only" in item.keywords and BROKER_KIND != "kafka":
+            item.add_marker(skip_kafka)
 
 
 def _start_testcontainers():

@@ -150,6 +150,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"sluice: {err}", file=sys.stderr)
         return exit_code_for(err)
     log.info("metrics server listening", extra={"host": settings.metrics.host, "port": server.port})
+    # `kill -USR2 PID` prints every thread's Python stack to stderr: where a worker that makes
+    # no progress is waiting, without stopping it (the tests use it when a wait times out).
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
     # Hand signals over to the pipeline with signals blocked, so one arriving in between is
     # neither lost nor replayed twice (two stops would force an abort).
     blocked = set(_STOP_SIGNALS)
@@ -207,13 +212,24 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     extra = {}
     if args.drift:
         extra["drift"] = args.drift
+    bootstrap, client = args.bootstrap_servers, None
+    if args.config is not None:
+        from workers.config import load_settings
+
+        # The worker's [kafka] client settings (TLS, SASL) with their SLUICE_* overrides: the
+        # producer connects the way the worker does.
+        settings = load_settings(args.config)
+        client = dict(settings.kafka.client)
+        bootstrap = bootstrap or settings.kafka.bootstrap_servers
+    if not bootstrap:
+        raise ConfigError("produce needs --bootstrap-servers or --config FILE with [kafka] bootstrap_servers")
     try:
         n = produce_telemetry(
-            args.bootstrap_servers, args.topic, kind=args.kind, count=args.count, rate=args.rate,
-            seed=args.seed, bad_fraction=args.bad_fraction, **extra,
+            bootstrap, args.topic, kind=args.kind, count=args.count, rate=args.rate,
+            seed=args.seed, bad_fraction=args.bad_fraction, client=client, **extra,
         )
     except ProduceFailed as exc:
-        print(f"produce: {exc} (bootstrap servers: {args.bootstrap_servers})", file=sys.stderr)
+        print(f"produce: {exc} (bootstrap servers: {bootstrap})", file=sys.stderr)
         return ExitCode.FAILURE
     print(f"produce: acknowledged={n} topic={args.topic}")
     return ExitCode.OK
@@ -380,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check_config)
 
     pr = sub.add_parser("produce", help="produce synthetic security telemetry")
-    pr.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT[,...]", help="Kafka bootstrap servers")
+    pr.add_argument("--bootstrap-servers", default=None, metavar="HOST:PORT[,...]",
+                    help="Kafka bootstrap servers (default: [kafka] bootstrap_servers of --config)")
+    pr.add_argument("--config", type=Path, default=None, metavar="FILE",
+                    help="take [kafka] client (security, SASL, TLS) and bootstrap_servers from this "
+                         "config file and its SLUICE_* overrides")
     pr.add_argument("--topic", required=True, help="topic to produce to (must exist or be auto-created)")
     pr.add_argument("--kind", default="flow", choices=TELEMETRY_KINDS, help="event kind (default flow)")
     pr.add_argument("--count", type=_positive_int, required=True, help="number of events")

@@ -66,6 +66,15 @@ class TopicMissing(StartupError):
     """An input topic does not exist, or an output topic could not be created."""
 
 
+class AuthenticationFailed(ConfigError):
+    """The cluster refused the credentials of ``[kafka] client`` (SASL): retrying cannot help."""
+
+
+class NotAuthorized(ConfigError):
+    """An ACL is missing (topic, group, transactional id, cluster): retrying cannot help.
+    Raised at start or while running; the worker aborts its open transaction and exits 2."""
+
+
 class ScoringStartFailed(StartupError):
     """A scoring process died or hung while loading its model: a bug or a broken backend, not config."""
 
@@ -73,6 +82,8 @@ class ScoringStartFailed(StartupError):
 #: The one place that says how each start-up failure exits.
 STARTUP_ERRORS: dict[type[StartupError], ExitCode] = {
     ConfigError: ExitCode.CONFIG,
+    AuthenticationFailed: ExitCode.CONFIG,
+    NotAuthorized: ExitCode.CONFIG,
     ModelLoadError: ExitCode.CONFIG,
     MetricsPortError: ExitCode.CONFIG,
     BrokerUnavailable: ExitCode.TEMPFAIL,

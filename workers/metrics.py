@@ -37,7 +37,7 @@ LIVENESS_STALL_S = 60.0
 # Every reason the pipeline aborts a transaction for (the `reason` label of
 # sluice_transactions_aborted_total). Each series exists at 0 from the start, so
 # rate()/increase() and "absent" alerts work before the first abort.
-ABORT_REASONS = ("produce_failed", "commit_failed", "revoke_timeout", "partitions_lost", "shutdown")
+ABORT_REASONS = ("produce_failed", "commit_failed", "revoke_timeout", "partitions_lost", "consumer_fenced", "shutdown")
 
 # A `<name>_created` sample per counter and histogram series doubles the series count for
 # a timestamp nobody queries (rate() copes with restarts without it). Process-wide switch.
@@ -106,6 +106,11 @@ class Metrics:
         self.txn_aborted = Counter("sluice_transactions_aborted", "Transactions aborted.", ["reason"], registry=r)
         for reason in ABORT_REASONS:
             self.txn_aborted.labels(reason)
+        self.producer_renewals = Counter(
+            "sluice_producer_renewals",
+            "Transactional producers replaced after a commit or abort of unknown outcome (a new epoch).",
+            registry=r,
+        )
         self.commit_seconds = Histogram(
             "sluice_commit_seconds", "send_offsets + commit_transaction time.", buckets=LATENCY_BUCKETS, registry=r
         )

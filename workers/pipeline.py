@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import time
+import threading
 from collections import Counter, deque
 from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass, field
@@ -49,12 +50,25 @@ from confluent_kafka.admin import AdminClient
 from workers.batching import MicroBatcher
 from workers.config import Settings
 from workers.drift import DriftAccumulator
-from workers.exit_codes import ExitCode
+from workers.exit_codes import BrokerUnavailable, ConfigError, ExitCode
 from workers.features import ModelSpec
 from workers.inference.pool import ScoringPool
 from workers.kafka import settings as kafka_settings
-from workers.kafka.admin import TopicError, ensure_topics, partition_counts
-from workers.kafka.producer import AbortableError, FatalProducerError, TransactionalProducer
+from workers.kafka.admin import (
+    StartupErrorLog,
+    TopicError,
+    ensure_topics,
+    is_authorization_error,
+    last_client_error,
+    partition_counts,
+)
+from workers.kafka.producer import (
+    AbortableError,
+    FatalProducerError,
+    IndefiniteOutcome,
+    TransactionalProducer,
+    TransactionStuck,
+)
 from workers.metrics import Metrics
 from workers.records import dead_letter
 from workers.scoring import ScoredBatch, ScorerConfig
@@ -98,6 +112,14 @@ GC_GEN0_THRESHOLD = 50_000
 
 # PSI gauges are recomputed at most this often (a PSI over every feature per commit is waste).
 DRIFT_GAUGE_INTERVAL_S = 1.0
+# A static member can be fenced with no other instance anywhere: on Apache Kafka, when the
+# group coordinator fails over, librdkafka's rejoin may race its own old member id and get
+# FENCED_INSTANCE_ID (seen in tests/integration/test_kafka_cluster_faults.py). The consumer is
+# then unusable, but the producer is not fenced, so the replica re-creates its consumer instead
+# of exiting. A genuine duplicate also fences the producer (same transactional.id), which ends
+# the worker with exit 3; more than this many consumer fences within the window end it too.
+CONSUMER_REFENCE_LIMIT = 3
+CONSUMER_REFENCE_WINDOW_S = 60.0
 
 
 class StopWorker(Exception):
@@ -156,6 +178,7 @@ class Pipeline:
         self._stop_requested = False
         self._force_stop = False
         self._assigned: set[tuple[str, int]] = set()
+        self._consumer_fences: list[float] = []  # monotonic times the consumer was fenced (see CONSUMER_REFENCE_LIMIT)
         # Partitions rewound (aborted) while a _consume call was under way: messages of theirs
         # returned by that call predate the rewind and must not be batched.
         self._rewound: set[tuple[str, int]] = set()
@@ -216,8 +239,15 @@ class Pipeline:
         self._scored_counter = self.metrics.scored.labels(self.spec.name)
         self._infer_hist = self.metrics.inference_seconds.labels(self.spec.name, s.model.backend)
 
-        admin = AdminClient(kafka_settings.admin_config(s))
-        counts = partition_counts(admin)
+        admin_conf = kafka_settings.admin_config(s)
+        errors = StartupErrorLog(admin_conf.get("logger"))
+        admin = AdminClient({**admin_conf, "error_cb": errors, "logger": errors})
+        try:
+            counts = partition_counts(admin)
+        except KafkaException as exc:
+            errors.raise_for(exc, s.kafka.bootstrap_servers, s.kafka.client)
+            raise BrokerUnavailable(f"the cluster at bootstrap servers {s.kafka.bootstrap_servers} did not answer: "
+                                    f"{exc.args[0].str()}{last_client_error(errors, s.kafka.client)}") from exc
         missing = [t for t in s.kafka.input_topics if t not in counts]
         if missing:
             raise TopicError(
@@ -234,16 +264,67 @@ class Pipeline:
 
         self.producer = TransactionalProducer(kafka_settings.producer_config(s))
         self.producer.init()
-        conf = kafka_settings.consumer_config(s)
-        conf["stats_cb"] = self._on_stats
-        conf["error_cb"] = self._on_client_error
-        self.consumer = Consumer(conf)
-        self.consumer.subscribe(
-            list(s.kafka.input_topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
+        self.consumer = self._new_consumer()
         self.batcher: MicroBatcher[Message] = MicroBatcher(
             s.batching.max_batch_size, s.batching.max_batch_delay_ms / 1000.0, s.batching.adaptive
         )
+
+    def _renew_producer(self) -> None:
+        """Continue under a fresh producer epoch after a commit or abort of unknown outcome.
+
+        The new producer's init_transactions fences the old one and settles its transaction on
+        the coordinator (completes a commit that was written, aborts anything else), so the
+        committed offsets read afterwards are the truth to rewind to. The old client is let go
+        without waiting on it: it may still sit in the call that timed out.
+        """
+        old = self.producer
+        self.producer = TransactionalProducer(kafka_settings.producer_config(self.settings))
+        threading.Thread(target=old.close, name="close-old-producer", daemon=True).start()
+        try:
+            self.producer.init()
+        except FatalProducerError as exc:
+            raise StopWorker(EXIT_TEMPFAIL, f"cannot start a new producer after a transaction of unknown "
+                             f"outcome: {exc}") from exc
+        self.metrics.producer_renewals.inc()
+        log.info("producer renewed under a new epoch")
+
+    def _new_consumer(self) -> Consumer:
+        """The group consumer, subscribed to the input topics."""
+        s = self.settings
+        conf = kafka_settings.consumer_config(s)
+        conf["stats_cb"] = self._on_stats
+        conf["error_cb"] = self._on_client_error
+        consumer = Consumer(conf)
+        consumer.subscribe(
+            list(s.kafka.input_topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        return consumer
+
+    def _replace_fenced_consumer(self, err: KafkaError) -> None:
+        """The consumer was fenced as a static member but the producer was not: abort the open
+        transaction and rejoin with a new consumer (see CONSUMER_REFENCE_LIMIT)."""
+        now = time.monotonic()
+        self._consumer_fences = [t for t in self._consumer_fences if now - t < CONSUMER_REFENCE_WINDOW_S]
+        self._consumer_fences.append(now)
+        if len(self._consumer_fences) > CONSUMER_REFENCE_LIMIT:
+            raise StopWorker(EXIT_FENCED, f"consumer fenced {len(self._consumer_fences)} times in "
+                             f"{CONSUMER_REFENCE_WINDOW_S:.0f}s; another process may run with replica id "
+                             f"{self.settings.kafka.replica_id!r}: {err.str()}")
+        log.warning("consumer fenced as a static member while the producer is not; rejoining with a new "
+                    "consumer", extra={"error": err.str()})
+        lost = set(self._assigned)
+        self._abort_and_rewind("consumer_fenced", partitions=set())
+        self._forget_lag(lost)
+        self._assigned.clear()
+        self.metrics.assigned_partitions.set(0)
+        if lost:
+            self.metrics.rebalances.labels("lost").inc(len(lost))
+        old, self.consumer = self.consumer, None
+        try:
+            old.close()
+        except (KafkaException, RuntimeError) as exc:  # fatal already: closing only frees it
+            log.info("closing the fenced consumer failed", extra={"error": str(exc)})
+        self.consumer = self._new_consumer()
 
     # ------------------------------------------------------------- main loop
 
@@ -262,6 +343,20 @@ class Pipeline:
             log.error("worker stopping", extra={"reason": str(stop), "exit_code": stop.exit_code})
             self._close(abort=True)
             return stop.exit_code
+        except ConfigError as exc:  # e.g. NotAuthorized: a missing ACL fails every retry alike
+            log.error("worker stopping", extra={"reason": str(exc), "exit_code": int(ExitCode.CONFIG)})
+            self.metrics.set_ready(False, "configuration")
+            self._close(abort=True)
+            return ExitCode.CONFIG
+        except TransactionStuck as exc:
+            # The stuck call cannot be cancelled and closing the client could wait on it too:
+            # leave at once. Nothing committed is lost; the broker aborts the open transaction
+            # (or the restarted replica's init does) and the restart resumes from the commits.
+            log.error("transactional call stuck; exiting for the supervisor to restart",
+                      extra={"error": str(exc), "exit_code": int(EXIT_TEMPFAIL)})
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(EXIT_TEMPFAIL)
         except FatalProducerError as exc:
             log.error("fatal producer error; exiting for the supervisor to restart", extra={"error": str(exc)})
             self.metrics.set_ready(False, "producer fenced or fatal error")
@@ -373,9 +468,15 @@ class Pipeline:
         for m in errors:
             err = m.error()
             if err.fatal() or err.code() == KafkaError._FATAL:
-                # e.g. FENCED_INSTANCE_ID: another process runs with this replica id. librdkafka
-                # delivers it as an error event whose code is _FATAL but whose fatal() is False.
+                # e.g. FENCED_INSTANCE_ID. librdkafka delivers it as an error event whose code is
+                # _FATAL but whose fatal() is False, naming the cause only in the text.
+                if _static_member_fenced(err) and self.producer.failed is None:
+                    self._replace_fenced_consumer(err)
+                    return
                 raise StopWorker(EXIT_FENCED, f"fatal consumer error: {err.str()}")
+            if is_authorization_error(err):
+                raise StopWorker(ExitCode.CONFIG, f"consumer not authorized: {err.str()} (see the README, section "
+                                 "\"Secured clusters\", for the ACLs a replica needs)")
             if err.code() == KafkaError.INVALID_SESSION_TIMEOUT:
                 # The group would never form: retrying with the same setting cannot help.
                 raise StopWorker(ExitCode.CONFIG, f"the broker refuses kafka.session_timeout_ms="
@@ -497,6 +598,11 @@ class Pipeline:
             log.warning("transaction failed; aborting and rewinding", extra={"error": str(exc), "during": why})
             self._abort_and_rewind("commit_failed")
             return False
+        except IndefiniteOutcome as exc:
+            log.warning("commit outcome unknown; renewing the producer and rewinding",
+                        extra={"error": str(exc), "during": why})
+            self._abort_and_rewind("commit_failed")
+            return False
         self.metrics.commit_seconds.observe(time.perf_counter() - start)
         self.metrics.txn_committed.inc()
         self._pending_offsets.clear()
@@ -515,7 +621,13 @@ class Pipeline:
         """Step 4: abort, drop in-flight work, rewind to the last committed offsets."""
         self._drop_inflight()
         self.batcher.take()
-        self.producer.abort()
+        if self.producer.failed is None:
+            try:
+                self.producer.abort()
+            except IndefiniteOutcome as exc:
+                log.warning("abort outcome unknown; renewing the producer", extra={"error": str(exc)})
+        if self.producer.failed is not None:
+            self._renew_producer()
         if self.drift is not None:
             self.drift.reset()
         self._pending_offsets.clear()
@@ -719,6 +831,11 @@ class Pipeline:
             log.error("fatal client error", extra={"error": err.str()})
         else:
             log.info("client error (librdkafka retries)", extra={"error": err.str(), "code": err.name()})
+
+
+def _static_member_fenced(err: KafkaError) -> bool:
+    """FENCED_INSTANCE_ID, as librdkafka reports it (a _FATAL event that names it in its text)."""
+    return err.code() == KafkaError.FENCED_INSTANCE_ID or "same group.instance.id" in err.str()
 
 
 def _names(tps: list[TopicPartition]) -> list[str]:

@@ -88,6 +88,17 @@ class WorkerProc:
         self.exits.append(code)
         return code
 
+    def dump_stacks(self) -> None:
+        """Ask a live worker for every thread's Python stack (SIGUSR2, see `sluice run`); it
+        lands in the worker's log, for the failing test's message."""
+        if self.alive():
+            size = self.log_path.stat().st_size
+            self.proc.send_signal(signal.SIGUSR2)
+            try:
+                wait_until(lambda: self.log_path.stat().st_size > size, 5, what="the stack dump")
+            except AssertionError:
+                pass
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -6,22 +6,42 @@ atomically with the consumer offsets sent in that commit; after :meth:`abort`
 none of them ever do. Limits: a transaction must commit within
 ``transaction.timeout.ms`` or the broker aborts it, and a producer fenced by a
 newer instance of the same ``transactional.id`` can only exit.
+
+Every transactional call (init, send_offsets + commit, abort) has a deadline that the
+worker enforces, not only librdkafka: the call runs on a helper thread and the caller waits
+at most its timeout plus :data:`STUCK_GRACE_S`, then raises :class:`TransactionStuck`
+(the process must exit: the call cannot be cancelled). A commit or abort that times out
+has an unknown outcome (:class:`IndefiniteOutcome`): the producer must not be used again,
+because a delayed EndTxn could land on a later transaction of the same epoch (Jepsen's
+2024 analysis of Kafka transactions); the caller continues with a new producer, whose
+init_transactions bumps the epoch and settles the old transaction on the coordinator.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
+from workers.exit_codes import NotAuthorized
+from workers.kafka.admin import is_authorization_error
+
 # init_transactions waits for the broker to abort a previous incarnation's
 # transaction; that can take a transaction round trip or a coordinator move.
 INIT_TIMEOUT_S = 60.0
-# One commit or abort; longer means the cluster is unhealthy and the worker
-# should rewind (abort) rather than hold the orchestrator thread.
-COMMIT_TIMEOUT_S = 30.0
+# One commit or abort. On Apache Kafka a killed transaction coordinator is replaced within
+# seconds, but librdkafka 2.16 may keep waiting on the dead one until it returns (measured:
+# 60 s and more, tests/integration/test_kafka_cluster_faults.py); past this the worker renews
+# its producer, which finds the new coordinator.
+COMMIT_TIMEOUT_S = 10.0
+# How long past its own timeout a transactional call may take before the worker calls it
+# stuck (librdkafka was seen waiting untimed in send_offsets_to_transaction after a broker
+# restart, ignoring the timeout it was given).
+STUCK_GRACE_S = 5.0
 # How long produce() serves delivery reports while the local queue is full before
 # it gives up (abort, rewind); well below max.poll.interval.ms, since the consumer
 # is not polled meanwhile.
@@ -42,8 +62,62 @@ class RetriableError(RuntimeError):
     """The operation may be retried as is."""
 
 
+class IndefiniteOutcome(RuntimeError):
+    """A commit or abort timed out: it may or may not have landed. This producer must not be
+    used again; continue with a new one (a fresh epoch) and rewind to the committed offsets."""
+
+
+class TransactionStuck(RuntimeError):
+    """A transactional call did not return within its deadline plus STUCK_GRACE_S; it cannot be
+    cancelled, so the process must exit (75) and let its supervisor restart it."""
+
+
+class _CallThread:
+    """Runs blocking librdkafka transactional calls so that the caller can stop waiting.
+
+    One daemon thread per producer; a call costs a queue hand-off (tens of microseconds),
+    paid once per transaction, not per record.
+    """
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            fn, args, box, done = item
+            try:
+                box["result"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
+                box["error"] = exc
+            done.set()
+
+    def call(self, what: str, timeout: float, fn: Callable, *args):
+        box: dict = {}
+        done = threading.Event()
+        self._calls.put((fn, args, box, done))
+        if not done.wait(timeout + STUCK_GRACE_S):
+            raise TransactionStuck(f"{what} did not return within {timeout + STUCK_GRACE_S:.0f}s "
+                                   "(its timeout was ignored inside librdkafka)")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+
 def as_producer_error(exc: KafkaException, during: str) -> Exception:
     """The worker's error for a librdkafka error raised by a producer call."""
+    err: KafkaError = exc.args[0]
+    if is_authorization_error(err):
+        # A missing ACL fails every retry the same way: say so, and let the worker exit 2.
+        return NotAuthorized(f"{during} failed, not authorized: {err.str()} (see the README, section "
+                             "\"Secured clusters\", for the ACLs a replica needs)")
     kind = classify(exc)
     if kind is FatalProducerError:
         return FatalProducerError(f"{during} failed fatally: {exc.args[0].str()}")
@@ -61,11 +135,40 @@ def classify(exc: KafkaException) -> type[Exception]:
     return AbortableError
 
 
+class _AuthorizationWatch:
+    """Sits between librdkafka and the configured logger and error_cb, keeping the last
+    authorization failure the client reported. librdkafka names a missing ACL only there
+    (e.g. AddPartitionsToTxn refused: "... (TOPIC_AUTHORIZATION_FAILED)"); the calls that
+    fail next say only "Erroneous state"."""
+
+    def __init__(self, logger: Any):
+        self.logger = logger
+        self.failure: str | None = None
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        text = " ".join(str(a) for a in args) if args else fmt
+        if "AUTHORIZATION_FAILED" in text or "authorization failed" in text:
+            self.failure = text
+        if self.logger is not None:
+            self.logger.log(level, fmt, *args)
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 (logging's naming)
+        return self.logger is None or self.logger.isEnabledFor(level)
+
+    def error_cb(self, err: KafkaError) -> None:
+        if is_authorization_error(err):
+            self.failure = err.str()
+
+
 class TransactionalProducer:
     """Wraps a transactional confluent-kafka Producer with the worker's error handling."""
 
     def __init__(self, conf: dict[str, Any]):
+        self._authz = _AuthorizationWatch(conf.get("logger"))
+        conf = {**conf, "logger": self._authz}
+        conf.setdefault("error_cb", self._authz.error_cb)
         self._producer = Producer(conf)
+        self._calls = _CallThread(f"txn-{conf.get('transactional.id', '')}")
         self.in_transaction = False
         # Set once a fatal error was seen: every later transactional call fails at once instead
         # of waiting on a producer librdkafka has already given up (e.g. from a revoke callback
@@ -74,6 +177,10 @@ class TransactionalProducer:
         self.produce_call = self._producer.produce  # bound once: the hot path calls it per record
 
     def _error(self, exc: KafkaException, during: str) -> Exception:
+        self._producer.poll(0)  # serve the log lines and error events that say why
+        if self._authz.failure is not None:
+            return NotAuthorized(f"{during} failed, not authorized: {self._authz.failure} (see the README, "
+                                 "section \"Secured clusters\", for the ACLs a replica needs)")
         err = as_producer_error(exc, during)
         if isinstance(err, FatalProducerError):
             self.failed = str(err)
@@ -85,10 +192,13 @@ class TransactionalProducer:
 
     def init(self, timeout: float = INIT_TIMEOUT_S) -> None:
         try:
-            self._producer.init_transactions(timeout)
+            self._calls.call("init_transactions", timeout, self._producer.init_transactions, timeout)
         except KafkaException as exc:
             # The client's log lines (why it failed) are delivered by poll(): serve them first.
             self._producer.poll(0)
+            err = as_producer_error(exc, "init_transactions")
+            if isinstance(err, NotAuthorized):
+                raise err from exc
             raise FatalProducerError(f"init_transactions failed: {exc.args[0].str()}") from exc
 
     def begin(self) -> None:
@@ -135,7 +245,8 @@ class TransactionalProducer:
     ) -> None:
         """Send ``offsets`` to the transaction and commit it.
 
-        Raises AbortableError (the caller aborts and rewinds) or FatalProducerError.
+        Raises AbortableError (the caller aborts and rewinds), IndefiniteOutcome (timed out:
+        the caller renews the producer and rewinds), FatalProducerError or TransactionStuck.
         Retriable errors are retried within ``timeout``.
         """
         self._check_usable()
@@ -147,14 +258,19 @@ class TransactionalProducer:
             left = max(0.1, deadline - time.monotonic())
             try:
                 if not sent:
-                    self._producer.send_offsets_to_transaction(list(offsets), group_metadata, left)
+                    self._calls.call("send_offsets_to_transaction", left, self._producer.send_offsets_to_transaction,
+                                     list(offsets), group_metadata, left)
                     sent = True
-                self._producer.commit_transaction(left)
+                self._calls.call("commit_transaction", left, self._producer.commit_transaction, left)
                 self.in_transaction = False
                 return
             except KafkaException as exc:
-                if classify(exc) is RetriableError and time.monotonic() < deadline:
-                    continue
+                if classify(exc) is RetriableError:
+                    if time.monotonic() < deadline:
+                        continue
+                    self.failed = f"commit timed out: {exc.args[0].str()}"
+                    raise IndefiniteOutcome(f"commit did not complete within {timeout:.0f}s: "
+                                            f"{exc.args[0].str()}") from exc
                 raise self._error(exc, "commit") from exc
 
     def abort(self, timeout: float = COMMIT_TIMEOUT_S) -> None:
@@ -163,8 +279,9 @@ class TransactionalProducer:
         self._check_usable()
         deadline = time.monotonic() + timeout
         while True:
+            left = max(0.1, deadline - time.monotonic())
             try:
-                self._producer.abort_transaction(max(0.1, deadline - time.monotonic()))
+                self._calls.call("abort_transaction", left, self._producer.abort_transaction, left)
                 self.in_transaction = False
                 return
             except KafkaException as exc:
@@ -172,7 +289,8 @@ class TransactionalProducer:
                     raise self._error(exc, "abort") from exc
                 if time.monotonic() >= deadline:
                     self.failed = f"abort did not complete: {exc.args[0].str()}"
-                    raise FatalProducerError(self.failed) from exc
+                    raise IndefiniteOutcome(f"abort did not complete within {timeout:.0f}s: "
+                                            f"{exc.args[0].str()}") from exc
                 time.sleep(ABORT_RETRY_BACKOFF_S)
 
     def flush(self, timeout: float = 10.0) -> int:
@@ -181,6 +299,7 @@ class TransactionalProducer:
     def close(self) -> None:
         """Release the client. An open transaction is left to the broker's timeout / the next init."""
         if self._producer is not None:
+            self._calls.stop()
             try:
                 self._producer.flush(0)
             except KafkaException:  # fenced or failed: nothing more to deliver, just let go
