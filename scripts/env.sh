@@ -1,11 +1,11 @@
 # Sourced by scripts/demo and scripts/test: create (once) and activate the project's
 # virtual environment in .venv, reinstalling only when pyproject.toml or the extras change.
-#   SLUICE_EXTRAS   extras to install (default: dev)
+#   SLUICE_EXTRAS   extras to install (default: cpu,dev)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
-EXTRAS="${SLUICE_EXTRAS:-dev}"
+EXTRAS="${SLUICE_EXTRAS:-cpu,dev}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
