@@ -16,6 +16,8 @@ from workers.inference.onnxruntime_backend import OnnxRuntimeBackend
 CALLS_ENV = "SLUICE_TEST_CALLS_FILE"
 #: seconds CountingOnnxRuntime sleeps per batch
 DELAY_ENV = "SLUICE_TEST_BACKEND_DELAY_S"
+#: HangOnnxRuntime: how many batches it scores before the one it hangs in (default 0)
+HANG_AFTER_ENV = "SLUICE_TEST_HANG_AFTER"
 #: HangOnLoad: "hang" (never finishes loading) or "exit" (the process exits with code 3)
 LOAD_ENV = "SLUICE_TEST_LOAD"
 
@@ -42,12 +44,19 @@ class CountingOnnxRuntime(OnnxRuntimeBackend):
 
 
 class HangOnnxRuntime(CountingOnnxRuntime):
-    """Blocks for ever in its first batch (after counting it), like a wedged GPU driver."""
+    """Blocks for ever in a batch (after counting it), like a wedged GPU driver: the first, or
+    the one after ``$SLUICE_TEST_HANG_AFTER`` batches."""
+
+    def load(self) -> None:
+        super().load()
+        self.left = int(os.environ.get(HANG_AFTER_ENV, "0"))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         out = super().infer(batch)
         if self.warm:
-            threading.Event().wait()
+            if self.left <= 0:
+                threading.Event().wait()
+            self.left -= 1
         return out
 
 
