@@ -99,7 +99,7 @@ async def produce(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                     base = log.append(pd.records or b"",
                                       lambda pid, ep, _t=td.name, _p=pd.index:
                                       txns.check_produce(req.transactional_id, pid, ep, _t, _p),
-                                      t.max_message_bytes)
+                                      t.max_message_bytes, t.timestamp_after_max_ms)
                 except ProduceError as e:
                     code = getattr(E, e.code)
                     msg = e.message
@@ -274,17 +274,45 @@ async def delete_topics(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
     return s.make("DeleteTopicsResponse", throttle_time=ZERO, responses=tuple(out))
 
 
+# Kafka 4.1's topic configs with their built-in defaults and config types (1 boolean,
+# 2 string, 3 int, 5 long, 6 double, 7 list), as DescribeConfigs lists every one of them
 TOPIC_DEFAULTS = {
     "cleanup.policy": ("delete", 7),
+    "compression.gzip.level": ("-1", 3),
+    "compression.lz4.level": ("9", 3),
     "compression.type": ("producer", 2),
-    "retention.ms": ("604800000", 5),
-    "retention.bytes": ("-1", 5),
-    "segment.bytes": ("1073741824", 3),
+    "compression.zstd.level": ("3", 3),
+    "delete.retention.ms": ("86400000", 5),
+    "file.delete.delay.ms": ("60000", 5),
+    "flush.messages": ("9223372036854775807", 5),
+    "flush.ms": ("9223372036854775807", 5),
+    "follower.replication.throttled.replicas": ("", 7),
+    "index.interval.bytes": ("4096", 3),
+    "leader.replication.throttled.replicas": ("", 7),
+    "local.retention.bytes": ("-2", 5),
+    "local.retention.ms": ("-2", 5),
+    "max.compaction.lag.ms": ("9223372036854775807", 5),
     "max.message.bytes": ("1048588", 3),
-    "min.insync.replicas": ("1", 3),
+    "message.timestamp.after.max.ms": ("3600000", 5),
+    "message.timestamp.before.max.ms": ("9223372036854775807", 5),
     "message.timestamp.type": ("CreateTime", 2),
+    "min.cleanable.dirty.ratio": ("0.5", 6),
+    "min.compaction.lag.ms": ("0", 5),
+    "min.insync.replicas": ("1", 3),
+    "preallocate": ("false", 1),
+    "remote.log.copy.disable": ("false", 1),
+    "remote.log.delete.on.disable": ("false", 1),
+    "remote.storage.enable": ("false", 1),
+    "retention.bytes": ("-1", 5),
+    "retention.ms": ("604800000", 5),
+    "segment.bytes": ("1073741824", 3),
+    "segment.index.bytes": ("10485760", 3),
+    "segment.jitter.ms": ("0", 5),
+    "segment.ms": ("604800000", 5),
     "unclean.leader.election.enable": ("false", 1),
 }
+# the broker configs listed that Kafka can update dynamically (the others are read-only)
+BROKER_DYNAMIC = {"message.max.bytes"}
 BROKER_DEFAULTS = {
     "auto.create.topics.enable": ("true", 1),
     "num.partitions": ("1", 3),
@@ -318,6 +346,11 @@ async def describe_configs(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
                     entries["max.message.bytes"] = (str(b.config.message_max_bytes), 3, 4)
                 for k, v in t.configs.items():
                     entries[k] = (v, TOPIC_DEFAULTS.get(k, ("", 2))[1], 1)
+        elif r.resource_type == 4 and r.resource_name != str(NODE_ID):
+            # Kafka: another broker's configs are that broker's to give; "" gives only the
+            # cluster-wide dynamic defaults, of which devbroker has none
+            if r.resource_name:
+                code = E.invalid_request
         elif r.resource_type == 4:  # broker
             cfg = b.config
             vals = dict(BROKER_DEFAULTS)
@@ -331,7 +364,9 @@ async def describe_configs(b: Broker, s: ApiSpec, req: Any, ctx: Ctx) -> Any:
         else:
             code = E.invalid_request
         keys = r.configuration_keys
-        configs = tuple(build(c_cls, name=k, value=v, read_only=False, config_source=src,
+        configs = tuple(build(c_cls, name=k, value=v,
+                              read_only=r.resource_type == 4 and k not in BROKER_DYNAMIC,
+                              config_source=src,
                               is_sensitive=False, synonyms=(), config_type=typ, documentation=None,
                               is_default=(src == 5))
                         for k, (v, typ, src) in entries.items() if keys is None or k in keys)

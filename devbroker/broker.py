@@ -44,6 +44,9 @@ class Topic:
     partitions: list[PartitionLog]
     configs: dict[str, str] = field(default_factory=dict)
     max_message_bytes: int = 0  # max.message.bytes: the topic's, else the broker's message.max.bytes
+    # message.timestamp.after.max.ms (Kafka 4's default: 1 hour): how far in the future a
+    # CreateTime record may be stamped
+    timestamp_after_max_ms: int = 3_600_000
 
 
 def now_ms() -> int:
@@ -133,6 +136,10 @@ class Broker:
             t.max_message_bytes = int(configs.get("max.message.bytes", self.config.message_max_bytes))
         except ValueError:
             t.max_message_bytes = self.config.message_max_bytes
+        try:
+            t.timestamp_after_max_ms = int(configs.get("message.timestamp.after.max.ms", 3_600_000))
+        except ValueError:
+            pass
         return t
 
     # ---- topics -----------------------------------------------------------------------------

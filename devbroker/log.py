@@ -9,6 +9,7 @@ import asyncio
 import bisect
 import os
 import struct
+import time
 
 from crc32c import crc32c
 
@@ -17,6 +18,7 @@ from .records import (ATTR_CONTROL, ATTR_TRANSACTIONAL, CONTROL_COMMIT, CRC_STAR
                       first_record_at_or_after, split_batches)
 
 _pack_offset = struct.Struct(">q").pack_into
+ATTR_LOG_APPEND_TIME = 0x08
 INT32_MAX = 0x7FFFFFFF
 RECENT_BATCHES = 5  # like Kafka, duplicates are detected among the last 5 batches
 
@@ -132,7 +134,7 @@ class PartitionLog:
             self.waiters.clear()
 
     # ---- writes ------------------------------------------------------------------------------
-    def append(self, data, txn_check=None, max_batch_bytes: int = 0) -> int:
+    def append(self, data, txn_check=None, max_batch_bytes: int = 0, max_future_ms: int = -1) -> int:
         """Append the batches in `data`, returning the base offset assigned.
 
         A batch larger than `max_batch_bytes` (when > 0: the topic's max.message.bytes) is
@@ -154,6 +156,12 @@ class PartitionLog:
                 if b[1] > max_batch_bytes:
                     raise ProduceError("message_too_large",
                                        f"batch of {b[1]} bytes exceeds max.message.bytes {max_batch_bytes}")
+        if max_future_ms >= 0:  # Kafka's message.timestamp.after.max.ms, for CreateTime batches
+            limit = int(time.time() * 1000) + max_future_ms
+            for b in batches:
+                if not b[7] & ATTR_LOG_APPEND_TIME and b[10] > limit:
+                    raise ProduceError("invalid_timestamp",
+                                       f"timestamp {b[10]} is more than {max_future_ms} ms in the future")
         for b in batches:
             pos, size, _, _, _, _, _, attrs, last_delta, _, _, pid, epoch, base_seq, _ = b
             if attrs & ATTR_CONTROL:

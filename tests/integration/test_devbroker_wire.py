@@ -865,6 +865,7 @@ def test_list_offsets_by_timestamp_read_committed_stops_at_the_lso(raw, new_topi
     time.sleep(0.02)
     in_txn = int(time.time() * 1000)  # after record 0's timestamp, at most record 1's
     assert raw.produce(t, 0, make_batch(1, pid, epoch, 0, txn=True), txn_id=tid) == (ErrorCode.none, 1)
+    time.sleep(0.02)  # record 2 alone holds the largest timestamp
     assert raw.produce(t, 0, make_batch(1)) == (ErrorCode.none, 2)
     after_first = int(time.time() * 1000) + 1  # no record is this late: none but by max timestamp
     assert lookup(before, 1) == (ErrorCode.none, 0)
@@ -953,4 +954,63 @@ def test_offset_commits_answer_unknown_partitions_first_and_refuse_oversized_met
         (t, 0): ErrorCode.offset_metadata_too_large, (ghost, 0): ErrorCode.unknown_topic_or_partition}
     assert txn_commit([(t, 0, "ok")]) == {(t, 0): ErrorCode.none}
     assert _end(raw, tid, pid, epoch, commit=True) == ErrorCode.none
+
+
+KAFKA_TOPIC_CONFIGS = {
+    "cleanup.policy", "compression.gzip.level", "compression.lz4.level", "compression.type",
+    "compression.zstd.level", "delete.retention.ms", "file.delete.delay.ms", "flush.messages", "flush.ms",
+    "follower.replication.throttled.replicas", "index.interval.bytes", "leader.replication.throttled.replicas",
+    "local.retention.bytes", "local.retention.ms", "max.compaction.lag.ms", "max.message.bytes",
+    "message.timestamp.after.max.ms", "message.timestamp.before.max.ms", "message.timestamp.type",
+    "min.cleanable.dirty.ratio", "min.compaction.lag.ms", "min.insync.replicas", "preallocate",
+    "remote.log.copy.disable", "remote.log.delete.on.disable", "remote.storage.enable", "retention.bytes",
+    "retention.ms", "segment.bytes", "segment.index.bytes", "segment.jitter.ms", "segment.ms",
+    "unclean.leader.election.enable"}
+
+
+def test_describe_configs_lists_every_topic_config_and_only_this_brokers_configs(raw, new_topic):
+    """Kafka 4.1 describes every topic config (its defaults, DEFAULT_CONFIG, and what the topic
+    set, DYNAMIC_TOPIC_CONFIG); a broker's configs only for its own id (another id:
+    INVALID_REQUEST), marking the ones it cannot update dynamically read-only."""
+    t = new_topic(config={"retention.ms": "1000"})
+    dm = raw.mod("describe_configs", 4, "request")
+
+    def describe(rtype: int, name: str, keys=None):
+        r = raw.call("describe_configs", 4, resources=(dm.DescribeConfigsResource(
+            resource_type=rtype, resource_name=name, configuration_keys=keys),),
+            include_synonyms=False, include_documentation=False)
+        return r.results[0].error_code, {c.name: c for c in r.results[0].configs}
+
+    code, configs = describe(2, t)
+    assert code == ErrorCode.none and set(configs) == KAFKA_TOPIC_CONFIGS
+    assert (configs["retention.ms"].value, configs["retention.ms"].config_source) == ("1000", 1)
+    for name, value in (("cleanup.policy", "delete"), ("compression.type", "producer"),
+                        ("max.message.bytes", "1048588"), ("message.timestamp.after.max.ms", "3600000"),
+                        ("message.timestamp.type", "CreateTime")):
+        assert (configs[name].value, configs[name].config_source, configs[name].read_only) == (value, 5, False)
+    node = raw.call("metadata", 12, topics=(), allow_auto_topic_creation=False,
+                    include_topic_authorized_operations=False).brokers[0].node_id
+    code, configs = describe(4, str(node), ("message.max.bytes", "num.partitions"))
+    assert code == ErrorCode.none
+    assert configs["message.max.bytes"].read_only is False and configs["num.partitions"].read_only is True
+    assert describe(4, str(node + 7), ("num.partitions",))[0] == ErrorCode.invalid_request
+
+
+def test_records_stamped_more_than_an_hour_ahead_are_refused(raw, new_topic):
+    """Kafka 4's message.timestamp.after.max.ms (default 1 hour): a CreateTime batch with a
+    record stamped further in the future is INVALID_TIMESTAMP; a topic may allow more."""
+    t = new_topic()
+    hour = 3_600_000
+
+    def stamped(ms_ahead: int) -> bytes:
+        b = bytearray(make_batch(1))
+        ts = int(time.time() * 1000) + ms_ahead
+        struct.pack_into(">qq", b, 27, ts, ts)  # base and max timestamp
+        struct.pack_into(">I", b, 17, crc32c(bytes(b[21:])))
+        return bytes(b)
+
+    assert raw.produce(t, 0, stamped(hour + 60_000))[0] == ErrorCode.invalid_timestamp
+    assert raw.produce(t, 0, stamped(hour - 60_000)) == (ErrorCode.none, 0)
+    lenient = new_topic(config={"message.timestamp.after.max.ms": str(10 * hour)})
+    assert raw.produce(lenient, 0, stamped(hour + 60_000)) == (ErrorCode.none, 0)
 
