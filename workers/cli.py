@@ -75,11 +75,6 @@ def _signal_exit_code(signals: list[int]) -> ExitCode:
     return ExitCode.INTERRUPTED if signal.SIGINT in signals else ExitCode.FORCED_STOP
 
 
-# How workers/inference/pool.py words a scoring process that hung ("... within 600s") or died
-# ("a scoring executor failed to start: ..."), as opposed to relaying the model's load error.
-_SCORING_HANG_OR_DEATH = re.compile(r"\bwithin \d+s$|scoring executor failed to start")
-
-
 def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None:
     """The typed start-up error for an exception from Pipeline.start(), or None if unexpected.
 
@@ -90,7 +85,7 @@ def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None
     from confluent_kafka import KafkaException
 
     from workers.inference import BackendUnavailable
-    from workers.inference.pool import ScoringStartError
+    from workers.inference.pool import ModelLoadFailed, ScoringStartError
     from workers.kafka.admin import TopicError
     from workers.kafka.producer import FatalProducerError
 
@@ -101,13 +96,11 @@ def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None
     if isinstance(exc, (KafkaException, FatalProducerError)):
         detail = exc.args[0].str() if isinstance(exc, KafkaException) else str(exc)
         return BrokerUnavailable(f"the cluster at bootstrap servers {bootstrap} did not answer: {detail}")
+    if isinstance(exc, ModelLoadFailed):
+        return ModelLoadError(str(exc))  # the model, backend or device cannot be used: config
     if isinstance(exc, ScoringStartError):
-        # The pool reports a hang ("... within Ns") or a dead process ("failed to start") the
-        # same way as a model that cannot load; only the latter is the configuration's fault.
-        text = str(exc)
-        if _SCORING_HANG_OR_DEATH.search(text):
-            return ScoringStartFailed(text)
-        return ModelLoadError(text)
+        # ScoringStartHung / ScoringProcessDied: a hang or a crash, not the configuration's fault.
+        return ScoringStartFailed(str(exc))
     if isinstance(exc, (ValueError, BackendUnavailable)):
         return ModelLoadError(str(exc))
     return None

@@ -52,7 +52,7 @@ from workers.config import Settings
 from workers.drift import DriftAccumulator
 from workers.exit_codes import BrokerUnavailable, ConfigError, ExitCode
 from workers.features import ModelSpec
-from workers.inference.pool import ScoringPool
+from workers.inference.pool import ScoringPool, ScoringTimeout
 from workers.kafka import settings as kafka_settings
 from workers.kafka.admin import (
     StartupErrorLog,
@@ -510,13 +510,17 @@ class Pipeline:
         inflight = self._inflight
         while inflight:
             fut = inflight[0].future
-            if not self.pool.wait(fut, block_s):
-                return
-            block_s = 0.0
-            batch = inflight.popleft()
-            self.pool.collected()
             try:
+                # Bounded: a backend that holds a batch past the pool's scoring deadline
+                # (SCORING_DEADLINE_S) raises ScoringTimeout; the pool is broken then.
+                if not self.pool.wait(fut, block_s):
+                    return
+                block_s = 0.0
+                batch = inflight.popleft()
+                self.pool.collected()
                 result = fut.result()
+            except ScoringTimeout as exc:
+                raise StopWorker(EXIT_SOFTWARE, f"scoring hung ({exc}); see its log above") from exc
             except BrokenExecutor as exc:
                 raise StopWorker(EXIT_SOFTWARE, f"a scoring process died ({exc}); see its log above") from exc
             try:
@@ -661,12 +665,9 @@ class Pipeline:
             self._resume()
 
     def _drop_inflight(self) -> None:
-        for batch in self._inflight:
-            try:
-                batch.future.result()  # inference cannot be interrupted; let it finish
-            except Exception:  # noqa: BLE001 - the result is dropped anyway
-                pass
-            self.pool.collected()
+        """Cancel every in-flight batch at once: no waiting for inference (a hung backend
+        cannot hold up an abort or a revoke); answers still coming are thrown away."""
+        self.pool.drop_all()
         self._inflight.clear()
         self.metrics.inflight_batches.set(0)
 

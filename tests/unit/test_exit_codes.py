@@ -57,14 +57,14 @@ def test_config_error_is_still_a_value_error_and_the_same_class_config_raises():
 
 def test_scoring_start_failures_are_split_into_hang_or_crash_and_bad_model():
     from workers.cli import _as_startup_error
-    from workers.inference.pool import ScoringStartError
+    from workers.inference.pool import ModelLoadFailed, ScoringProcessDied, ScoringStartHung
 
-    hang = _as_startup_error(ScoringStartError("the model was not loaded and warm within 600s"), "k:9092")
-    died = _as_startup_error(ScoringStartError("a scoring executor failed to start: exit -9; see its log above"), "k")
-    bad = _as_startup_error(ScoringStartError("BackendUnavailable: no CUDA device"), "k:9092")
+    hang = _as_startup_error(ScoringStartHung("the model was not loaded and warm within 600s"), "k:9092")
+    died = _as_startup_error(ScoringProcessDied("a scoring executor failed to start: exit -9; see its log above"), "k")
+    bad = _as_startup_error(ModelLoadFailed("BackendUnavailable: no CUDA device"), "k:9092")
     assert exit_code_for(hang) is exit_code_for(died) is ExitCode.SOFTWARE
     assert exit_code_for(bad) is ExitCode.CONFIG
-    worded = _as_startup_error(ScoringStartError("ValueError: output.threshold: must be within [0, 1], got 2"), "k")
+    worded = _as_startup_error(ModelLoadFailed("ValueError: output.threshold: must be within [0, 1], got 2"), "k")
     assert exit_code_for(worded) is ExitCode.CONFIG
 
 
