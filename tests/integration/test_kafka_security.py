@@ -16,8 +16,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from confluent_kafka import KafkaException
@@ -232,3 +230,61 @@ def test_check_config_and_logs_never_show_the_password(secure, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert pw not in out.stdout + out.stderr and "sasl.password" in out.stdout
+
+
+def test_drift_aggregator_reads_the_workers_deltas_over_sasl_ssl(secure, tmp_path):
+    """The worker writes drift deltas as its own user; the aggregator (faust and aiokafka, not
+    librdkafka: [kafka] client is translated) reads them over SCRAM-SHA-512 + TLS and publishes
+    reports. It runs as the super user: its own ACL set (group, changelog topics) is faust's."""
+    topic, group, password = _setup(secure)
+    admin_bootstrap = secure.info["plaintext.bootstrap.servers"]
+    total = 2000
+    produce_telemetry(admin_bootstrap, topic, count=total, seed=13, rate=2000)
+    w = WorkerProc(_secure_env(secure, topic, group, f"{WORKER_USER}-{topic}", password),
+                   tmp_path / "worker.log").start()
+    w.wait_started()
+    wait_until(lambda: _committed_total(admin_bootstrap, group, topic) == total, timeout=90,
+               what="the worker to commit every input offset")
+    assert w.terminate() == 0, w.log()[-3000:]
+    scored = len(outcome(admin_bootstrap, topic, total).scores)
+
+    reports = f"{topic}-reports"
+    client = _client(secure, secure.info["sasl.username"], secure.info["sasl.password"])
+    cfg = tmp_path / "drift.toml"
+    cfg.write_text(f"""
+[kafka]
+bootstrap_servers = "{secure.bootstrap}"
+input_topics = ["{topic}"]
+session_timeout_ms = 6000
+client = {{ {", ".join(f'"{k}" = "{v}"' for k, v in client.items())} }}
+[topics]
+drift = "{topic}-drift"
+[model]
+path = "{ROOT / 'models' / 'flow_classifier'}"
+[logging]
+format = "json"
+[drift]
+window_s = 10
+grace_s = 2
+idle_s = 3
+reports_topic = "{reports}"
+group_id = "agg-{topic}"
+""")
+    log_path = tmp_path / "aggregator.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    agg = subprocess.Popen([sys.executable, "-m", "workers", "drift-aggregator", "--config", str(cfg)],
+                           cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    try:
+        from .worker_harness import read_all
+
+        def reported() -> int:
+            assert agg.poll() is None, log_path.read_text()[-3000:]
+            return sum(json.loads(m.value())["count"] for m in read_all(admin_bootstrap, reports, timeout=5, idle=1.0))
+
+        wait_until(lambda: reported() >= scored, 120, interval=1.0, what="drift reports covering every scored event")
+        assert reported() == scored
+    finally:
+        agg.terminate()
+        agg.wait(30)
+    text = log_path.read_text()
+    assert secure.info["sasl.password"] not in text and password not in w.log()

@@ -177,7 +177,10 @@ class TransactionalProducer:
         self.produce_call = self._producer.produce  # bound once: the hot path calls it per record
 
     def _error(self, exc: KafkaException, during: str) -> Exception:
-        self._producer.poll(0)  # serve the log lines and error events that say why
+        try:
+            self._producer.poll(0)  # serve the log lines and error events that say why
+        except KafkaException:  # poll re-raises a fatal error (e.g. fenced): `exc` already says it
+            pass
         if self._authz.failure is not None:
             return NotAuthorized(f"{during} failed, not authorized: {self._authz.failure} (see the README, "
                                  "section \"Secured clusters\", for the ACLs a replica needs)")
