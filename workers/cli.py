@@ -216,15 +216,31 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         bootstrap = bootstrap or settings.kafka.bootstrap_servers
     if not bootstrap:
         raise ConfigError("produce needs --bootstrap-servers or --config FILE with [kafka] bootstrap_servers")
+    # Ctrl-C stops producing and waits for what was sent, instead of raising
+    # KeyboardInterrupt wherever it lands: inside a librdkafka callback that became a
+    # SystemError ("returned NULL without setting an exception") and exit 1.
+    import threading
+
+    stop = threading.Event()
+    interrupted: list[int] = []
+
+    def on_signal(signum, _frame):
+        interrupted.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
     try:
         n = produce_telemetry(
             bootstrap, args.topic, kind=args.kind, count=args.count, rate=args.rate,
-            seed=args.seed, bad_fraction=args.bad_fraction, client=client, **extra,
+            seed=args.seed, bad_fraction=args.bad_fraction, client=client, stop=stop, **extra,
         )
     except ProduceFailed as exc:
         print(f"produce: {exc} (bootstrap servers: {bootstrap})", file=sys.stderr)
         return ExitCode.FAILURE
     print(f"produce: acknowledged={n} topic={args.topic}")
+    if interrupted:
+        print("produce: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     return ExitCode.OK
 
 

@@ -704,7 +704,8 @@ def test_timed_out_transaction_is_aborted_and_its_producer_may_take_the_bumped_e
     assert raw.produce(t, 0, make_batch(1, pid=pid, epoch=ep, seq=0, txn=True), txn_id=tid)[0] == ErrorCode.none
     assert _end(raw, tid, pid, ep, commit=True) == ErrorCode.none
     assert _await_lso(raw, t, 4) == 4
-    successor = _init(raw, tid)
+    # Kafka may still be completing the commit (markers written, state to CompleteCommit).
+    successor = until(lambda: _init(raw, tid), not_concurrent)
     assert successor.error_code == ErrorCode.none and successor.producer_epoch == ep + 1
     assert _init(raw, tid, pid, epoch).error_code == ErrorCode.producer_fenced
 
