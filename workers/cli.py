@@ -87,12 +87,15 @@ def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None
     from workers.inference import BackendUnavailable
     from workers.inference.pool import ModelLoadFailed, ScoringStartError
     from workers.kafka.admin import TopicError
-    from workers.kafka.producer import FatalProducerError
+    from workers.kafka.producer import FatalProducerError, TransactionStuck
 
     if isinstance(exc, StartupError):
         return exc
     if isinstance(exc, TopicError):
         return TopicMissing(f"{exc} (bootstrap servers: {bootstrap})")
+    if isinstance(exc, TransactionStuck):
+        return BrokerUnavailable(f"the cluster at bootstrap servers {bootstrap} left a transactional call "
+                                 f"hanging: {exc}")
     if isinstance(exc, (KafkaException, FatalProducerError)):
         detail = exc.args[0].str() if isinstance(exc, KafkaException) else str(exc)
         return BrokerUnavailable(f"the cluster at bootstrap servers {bootstrap} did not answer: {detail}")

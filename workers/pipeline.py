@@ -630,7 +630,9 @@ class Pipeline:
                 self.producer.abort()
             except IndefiniteOutcome as exc:
                 log.warning("abort outcome unknown; renewing the producer", extra={"error": str(exc)})
-        if self.producer.failed is not None:
+        if self.producer.outcome_unknown and not self._stop_requested:
+            # (after a fatal error, e.g. fenced, no renewal: a new epoch would fence the
+            # replica that legitimately took over; at shutdown the process is leaving anyway)
             self._renew_producer()
         if self.drift is not None:
             self.drift.reset()

@@ -139,3 +139,27 @@ def test_a_scoring_process_that_dies_while_loading_is_reported_as_died(monkeypat
     with pytest.raises(ScoringProcessDied, match="exited with code 3"):
         pool.start(timeout=120)
     pool.shutdown(wait=True, cancel=True)
+
+
+@pytest.mark.parametrize("processes", MODES)
+def test_a_batch_dropped_while_its_backend_hangs_still_ends_in_scoring_timeout(processes, tmp_path, monkeypatch):
+    """An abort or revoke drops in-flight work without waiting; the hung backend holding the
+    dropped batch must still be caught by the deadline, or the worker would stop scoring with
+    its partitions held and /healthz green (found in review: thread mode skipped it)."""
+    monkeypatch.setenv(CALLS_ENV, str(tmp_path / "calls"))
+    pool = ScoringPool(HANGS, processes=processes, threads=1, deadline_s=1.5)
+    try:
+        pool.start(timeout=120)
+        batch = _batch()
+        pool.submit(batch, "flows", [0] * 10, list(range(10)))
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "calls").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the backend holds the batch
+        pool.drop_all()
+        after = pool.submit(batch, "flows", [0] * 10, list(range(10)))
+        t0 = time.monotonic()
+        with pytest.raises(ScoringTimeout):
+            pool.wait(after, None)
+        assert time.monotonic() - t0 < 1.5 + 3.0
+    finally:
+        pool.shutdown(wait=True, cancel=True)

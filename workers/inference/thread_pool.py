@@ -132,7 +132,9 @@ class ThreadScoringPool(ScoringPool):
     def _check_hung(self, now: float) -> float | None:
         hang_at = None
         for i, fut in enumerate(self._current):
-            if fut is None or fut.done():
+            # A batch dropped while its thread still scores it (cancelled) keeps its clock: a
+            # hung backend must end the worker even after an abort dropped its batch.
+            if fut is None or (fut.done() and not fut.cancelled()):
                 continue
             at = self._began[i] + self.deadline_s
             if now >= at:

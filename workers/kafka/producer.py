@@ -95,6 +95,9 @@ class _CallThread:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
                 box["error"] = exc
             done.set()
+            # No reference to the client may outlive the call (an exception's traceback would
+            # keep this frame, and the client with it, until a full garbage collection).
+            del fn, args, box, done, item
 
     def call(self, what: str, timeout: float, fn: Callable, *args):
         box: dict = {}
@@ -104,8 +107,9 @@ class _CallThread:
             raise TransactionStuck(f"{what} did not return within {timeout + STUCK_GRACE_S:.0f}s "
                                    "(its timeout was ignored inside librdkafka)")
         if "error" in box:
-            raise box["error"]
-        return box.get("result")
+            err = box.pop("error")
+            raise err
+        return box.pop("result", None)
 
     def stop(self) -> None:
         self._calls.put(None)
@@ -174,6 +178,8 @@ class TransactionalProducer:
         # of waiting on a producer librdkafka has already given up (e.g. from a revoke callback
         # while the process closes after being fenced).
         self.failed: str | None = None
+        # Set with IndefiniteOutcome: the caller must replace this producer (a fresh epoch).
+        self.outcome_unknown = False
         self.produce_call = self._producer.produce  # bound once: the hot path calls it per record
 
     def _error(self, exc: KafkaException, during: str) -> Exception:
@@ -181,7 +187,9 @@ class TransactionalProducer:
             self._producer.poll(0)  # serve the log lines and error events that say why
         except KafkaException:  # poll re-raises a fatal error (e.g. fenced): `exc` already says it
             pass
-        if self._authz.failure is not None:
+        if self._authz.failure is not None and not exc.args[0].fatal():
+            # Reported during this transaction (it is cleared at every commit and abort).
+            self.failed = f"not authorized: {self._authz.failure}"
             return NotAuthorized(f"{during} failed, not authorized: {self._authz.failure} (see the README, "
                                  "section \"Secured clusters\", for the ACLs a replica needs)")
         err = as_producer_error(exc, during)
@@ -266,12 +274,14 @@ class TransactionalProducer:
                     sent = True
                 self._calls.call("commit_transaction", left, self._producer.commit_transaction, left)
                 self.in_transaction = False
+                self._authz.failure = None  # a transient one (e.g. during an ACL change) is over
                 return
             except KafkaException as exc:
                 if classify(exc) is RetriableError:
                     if time.monotonic() < deadline:
                         continue
                     self.failed = f"commit timed out: {exc.args[0].str()}"
+                    self.outcome_unknown = True
                     raise IndefiniteOutcome(f"commit did not complete within {timeout:.0f}s: "
                                             f"{exc.args[0].str()}") from exc
                 raise self._error(exc, "commit") from exc
@@ -286,12 +296,14 @@ class TransactionalProducer:
             try:
                 self._calls.call("abort_transaction", left, self._producer.abort_transaction, left)
                 self.in_transaction = False
+                self._authz.failure = None
                 return
             except KafkaException as exc:
                 if classify(exc) is FatalProducerError:
                     raise self._error(exc, "abort") from exc
                 if time.monotonic() >= deadline:
                     self.failed = f"abort did not complete: {exc.args[0].str()}"
+                    self.outcome_unknown = True
                     raise IndefiniteOutcome(f"abort did not complete within {timeout:.0f}s: "
                                             f"{exc.args[0].str()}") from exc
                 time.sleep(ABORT_RETRY_BACKOFF_S)
