@@ -30,7 +30,6 @@ import pytest
 yaml = pytest.importorskip("yaml")  # PyYAML: part of the `dev` extra
 
 from workers.config import Settings, load_settings  # noqa: E402
-from workers.metrics import Metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -75,28 +74,14 @@ def _deploy_files(*suffixes: str) -> list[Path]:
 
 
 def _exported() -> dict[str, set[str]]:
-    """Every series name the worker exposes, mapped to its label names."""
-    m = Metrics()
-    labels: dict[str, set[str]] = {}
-    for attr in vars(m).values():
-        names = getattr(attr, "_labelnames", None)
-        if names is not None:
-            labels[attr._name] = set(names)
-    out: dict[str, set[str]] = {}
-    for fam in m.registry.collect():
-        lab = labels.get(fam.name, set())
-        if fam.type == "counter":
-            suffixes = ("_total", "_created")
-        elif fam.type == "histogram":
-            suffixes = ("_bucket", "_sum", "_count", "_created")
-        elif fam.type == "info":
-            suffixes = ("_info",)
-            lab = lab | {"name", "version", "backend", "device"}  # the dict given to .info()
-        else:
-            suffixes = ("",)
-        for s in suffixes:
-            out[fam.name + s] = lab | ({"le"} if s == "_bucket" else set())
-    return out
+    """Every series name the worker exposes, mapped to its label names: deploy/ci/promql_refs.py's
+    list, the one the deploy validators check alerts and the dashboard against."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("promql_refs", DEPLOY / "ci" / "promql_refs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.exported()
 
 
 def _alert_exprs() -> list[str]:
