@@ -5,7 +5,9 @@ features, output, artifacts), ``model.onnx`` (served), ``baseline.json``
 (training distributions for drift), ``train.py`` and, for the torch backend and
 the ONNX-vs-torch parity check, ``model.py`` (the ``nn.Module``, imported by
 both ``train.py`` and the torch backend) with its trained ``state_dict``
-``model.pt``.
+``model.pt``. A quantized variant (``sluice models quantize``, workers/variants.py)
+ships only the ONNX graph and baseline, plus a ``[variant]`` table naming its
+parent; it is checked against that parent instead of against torch.
 
 Nothing here imports torch unless a torch path is taken.
 """
@@ -148,7 +150,11 @@ def usable_backends(spec: ModelSpec | None = None) -> dict[str, list[str]]:
 
 
 def describe_model(path: pathlib.Path) -> dict:
+    """One model folder as ``sluice models list`` shows it: contract, backends usable here, variant."""
+    from workers.variants import read_variant
+
     spec = ModelSpec.load(path)
+    variant = read_variant(spec.manifest_path)
     bk = usable_backends(spec)
     try:
         rel = str(spec.path.relative_to(repo_root()))
@@ -167,6 +173,9 @@ def describe_model(path: pathlib.Path) -> dict:
         "event_schema": str(spec.schema_path.relative_to(repo_root())) if spec.schema_path and spec.schema_path.is_relative_to(repo_root()) else (str(spec.schema_path) if spec.schema_path else None),
         "backends": sorted(bk),
         "devices": bk,
+        "variant": None if variant is None else {
+            "precision": variant.precision, "method": variant.method, "parent": variant.parent_path,
+            "parent_version": variant.parent_version},
     }
 
 
@@ -197,13 +206,18 @@ def _sample_events(spec: ModelSpec, n: int, seed: int, bad_fraction: float = 0.0
 
 
 def check_model(path: str | pathlib.Path, events: int = 4000, seed: int = 12345) -> CheckReport:
-    """Artifacts vs manifest, schema vs features, generated events, ONNX vs torch parity."""
+    """Artifacts vs manifest, schema vs features, generated events, ONNX vs torch parity.
+
+    A quantized variant is checked against its parent instead of torch (workers/variants.py):
+    parent identity and sha256, its quality report, and its manifest's tolerance on fresh events.
+    """
     import json
 
     import numpy as np
 
     from workers.features import Baseline, Featurizer
     from workers.inference import BackendUnavailable, create_backend
+    from workers.variants import VariantError, check_variant, read_variant
 
     rep = CheckReport()
     try:
@@ -212,6 +226,11 @@ def check_model(path: str | pathlib.Path, events: int = 4000, seed: int = 12345)
         rep.add("manifest", False, str(e))
         return rep
     rep.add("manifest", True, f"{spec.name} {spec.version}: {len(spec.features)} features, {spec.n_columns} columns")
+    try:
+        variant = read_variant(spec.manifest_path)
+    except VariantError as e:
+        variant = None
+        rep.add("variant manifest", False, str(e))
 
     # -- artifacts exist
     arts = [("model", spec.onnx_path), ("baseline", spec.baseline_path)]
@@ -290,7 +309,10 @@ def check_model(path: str | pathlib.Path, events: int = 4000, seed: int = 12345)
         s = ort_backend.infer(matrix)
         rep.add("scores in [0, 1]", bool(np.all(np.isfinite(s)) and s.min() >= 0 and s.max() <= 1),
                 f"min {s.min():.3g} max {s.max():.3g}, {float((s >= spec.threshold).mean()):.1%} above threshold")
-        if spec.torch_weights_path is None:
+        if variant is not None:
+            rep.add("onnx vs torch", None, f"the {variant.precision} variant ships no torch definition; "
+                                            f"it is checked against its parent below")
+        elif spec.torch_weights_path is None:
             rep.add("onnx vs torch", None, "the manifest ships no torch definition")
         elif not _has_module("torch"):
             rep.add("onnx vs torch", None, "torch is not installed (pip install 'sluice[train]')")
@@ -301,6 +323,8 @@ def check_model(path: str | pathlib.Path, events: int = 4000, seed: int = 12345)
                 rep.add("onnx vs torch", diff <= PARITY_ATOL, f"max |diff| {diff:.2e} on {len(s)} events (tolerance {PARITY_ATOL:g})")
             except (ValueError, BackendUnavailable, RuntimeError) as e:
                 rep.add("onnx vs torch", False, str(e))
+    if variant is not None:
+        check_variant(spec, variant, rep, events, seed)
     return rep
 
 
