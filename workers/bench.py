@@ -48,6 +48,7 @@ from workers import logs
 from workers.config import load_settings
 from workers.kafka.admin import ensure_topics
 from workers.pipeline import Pipeline
+from workers.profiling import profiled
 
 MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "flow_classifier"
 PHASE_TIMEOUT_S = 600.0
@@ -333,6 +334,9 @@ def latency_at_rate(bootstrap: str, topic: str, rate: float, seconds: float, arg
 def run_bench(args) -> int:
     logs.setup("WARNING", "text")
     with ExitStack() as stack:
+        # --profile: this process (ceiling loop and orchestrator) as DIR/orchestrator.*, each
+        # worker phase's scoring process as DIR/scoring-<pid>.* (workers/profiling.py).
+        stack.enter_context(profiled(getattr(args, "profile", None)))
         bootstrap = args.bootstrap_servers
         broker = getattr(args, "broker", "devbroker")
         if bootstrap is None:

@@ -55,6 +55,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
+from workers import profiling
 from workers.scoring import BatchScorer, ScorerConfig
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,14 @@ def serve(tasks: Connection, results: Connection, config: ScorerConfig, log_leve
 
     logs.setup(log_level, log_format)
     _watch_parent(os.getppid())
+    # NVTX on CUDA; a sampling profile when the worker runs with --profile (SLUICE_PROFILE_DIR
+    # in the environment this process inherited), written when this function returns.
+    profile = profiling.start_scoring_process(config.device)
     try:
         scorer = BatchScorer(config)
     except Exception as exc:  # noqa: BLE001 - the reason travels to the worker, which fails its start
         send(results, ("error", f"{type(exc).__name__}: {exc}"))
+        profiling.finish(profile)
         return
     try:
         if not send(results, ("hello", os.getpid(), scorer.describe())):
@@ -145,6 +150,7 @@ def serve(tasks: Connection, results: Connection, config: ScorerConfig, log_leve
                 return
     finally:
         scorer.close()
+        profiling.finish(profile)
 
 
 def send(conn: Connection, message: tuple) -> bool:

@@ -12,6 +12,11 @@ several threads. On CUDA each inference thread has its own CUDA stream and
 pinned host buffers (grown on demand), so threads overlap copies and kernels.
 On CUDA, FP32 means FP32: TF32 matmuls and convolutions are switched off (process-wide, as
 torch only offers) unless ``SLUICE_GPU_ALLOW_TF32=1``.
+
+With profiling on (``sluice run --profile DIR``), the first torch backend of a process records
+a bounded window of batches with ``torch.profiler`` into ``DIR/torch-<pid>.json``
+(:class:`workers.profiling.TorchTrace`), and on CUDA the scoring stages become NVTX ranges
+through ``torch.cuda.nvtx`` when the ``nvtx`` package is not installed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from workers import profiling
 from workers.inference.base import BackendUnavailable
 from workers.inference.gpu_common import GPU_HINT, precision_tag, tf32_allowed
 
@@ -40,6 +46,7 @@ class TorchBackend:
         self._model = None
         self._torch = None
         self._local = threading.local()
+        self._trace: profiling.TorchTrace | None = None
 
     def load(self) -> None:
         try:
@@ -78,10 +85,14 @@ class TorchBackend:
         self._dev = torch.device(self.device)
         self._model = model.to(self._dev)
         self._torch = torch
+        if self.device != "cpu":
+            profiling.enable_nvtx(self.device)  # torch is loaded now: its NVTX is a fallback
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         for n in sorted(set(int(b) for b in batch_sizes if int(b) > 0)):
             self.infer(np.zeros((n, self.spec.n_columns), dtype=np.float32))
+        if self._trace is None:  # after warm-up: the trace shows scoring, not the first calls
+            self._trace = profiling.TorchTrace.start_if_profiling(self._torch, self.device)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self._model is None:
@@ -95,8 +106,12 @@ class TorchBackend:
         torch = self._torch
         if self.device == "cpu":
             with torch.inference_mode():
-                return self._model(torch.from_numpy(x)).numpy().astype(np.float32, copy=True).reshape(n)
-        return self._infer_cuda(x)
+                out = self._model(torch.from_numpy(x)).numpy().astype(np.float32, copy=True).reshape(n)
+        else:
+            out = self._infer_cuda(x)
+        if self._trace is not None:
+            self._trace.step()
+        return out
 
     def _infer_cuda(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -118,6 +133,12 @@ class TorchBackend:
             loc.h_out[:n].copy_(y, non_blocking=True)
         loc.stream.synchronize()
         return loc.h_out[:n].numpy().copy()
+
+    def close(self) -> None:
+        """End the profiler trace, if this backend records one (writes what it recorded)."""
+        trace, self._trace = self._trace, None
+        if trace is not None:
+            trace.stop()
 
     def describe(self) -> dict:
         torch = self._torch
