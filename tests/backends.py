@@ -27,3 +27,10 @@ class SlowOnnxRuntime(OnnxRuntimeBackend):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         time.sleep(self.delay)
         return super().infer(batch)
+
+
+class InvertedOnnxRuntime(OnnxRuntimeBackend):
+    """A bad candidate model: the real model's scores turned upside down (a canary the guard must stop)."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return 1.0 - super().infer(batch)

@@ -15,6 +15,7 @@ wrong type or out of range, and an unknown ``SLUICE_*__*`` variable all raise
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -137,6 +138,19 @@ class TopicsSettings(_Section):
         0, ge=0, description="Partition count for created output topics; 0 = as many as the first input topic."
     )
     replication_factor: int = Field(-1, description="Replication factor for created topics; -1 = broker default.")
+    control: str = Field(
+        "sluice-control", min_length=1,
+        description="Compacted topic of live deployments (`sluice models deploy|rollback`), one record per group and route; "
+        "every replica follows it.",
+    )
+    shadow: str = Field(
+        "shadow-scores", min_length=1,
+        description="Output topic: score records of shadow models (role \"shadow\"), in the same transaction as the primary's.",
+    )
+    audit: str = Field(
+        "sluice-audit", min_length=1,
+        description="Output topic: one audit record whenever a replica applies, refuses or rolls back a deployment.",
+    )
 
 
 class ModelSettings(_Section):
@@ -146,6 +160,55 @@ class ModelSettings(_Section):
         description="Inference backend: onnxruntime | onnxruntime-tensorrt | tensorrt | torch (GPU ones need the gpu extra).",
     )
     device: str = Field("cpu", description="cpu or cuda[:N]; a device that is not present fails at start.")
+
+
+class GuardSettings(_Section):
+    """Limits on a route's canary; past one, every replica rolls the canary back (an audit record says why)."""
+
+    max_dlq_rate: float = Field(
+        0.0, ge=0, le=1,
+        description="Roll the canary back when its share of dead letters over the window exceeds this; 0 = no limit.",
+    )
+    max_psi: float = Field(
+        0.0, ge=0,
+        description="... when the PSI between the canary's and the primary's score distributions exceeds this; 0 = no limit.",
+    )
+    max_p99_ms: float = Field(
+        0.0, ge=0,
+        description="... when the canary's p99 inference time per batch (ms) exceeds this; 0 = no limit.",
+    )
+    window_s: float = Field(60.0, gt=0, le=86_400, description="The limits are judged over the last window_s seconds.")
+    min_events: int = Field(
+        200, ge=1, description="No verdict before the canary scored this many events in the window (PSI needs a sample)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.max_dlq_rate or self.max_psi or self.max_p99_ms)
+
+
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
+class RouteSettings(_Section):
+    """One kind of event: input topics -> a model -> a scores topic (``[[routes]]``)."""
+
+    name: str = Field(..., description="Route name (letters, digits, . _ -): `sluice models deploy --route NAME`.")
+    input_topics: list[str] = Field(..., min_length=1, description="Input topics of this route.")
+    model: "ModelSettings" = Field(
+        default_factory=lambda: ModelSettings(),
+        description="The route's model until a deployment on the control topic says otherwise.",
+    )
+    scores: str = Field("", description="Scores topic of this route; empty = [topics] scores.")
+    dlq: str = Field("", description="Dead-letter topic of this route; empty = [topics] dlq.")
+    guard: GuardSettings = Field(default_factory=lambda: GuardSettings(), description="Limits on this route's canary.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _ROUTE_NAME.match(v):
+            raise ValueError(f"route name {v!r}: use 1-100 letters, digits, '.', '_' or '-'")
+        return v
 
 
 class BatchingSettings(_Section):
@@ -255,6 +318,12 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    guard: GuardSettings = Field(default_factory=GuardSettings)
+    routes: list[RouteSettings] = Field(
+        default_factory=list,
+        description="[[routes]]: several event kinds in one worker; empty = one route from [kafka] input_topics, "
+        "[model], [topics] scores/dlq and [guard], named after the model's folder.",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -272,15 +341,56 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Settings":
+        if self.routes:
+            names = [r.name for r in self.routes]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"routes: route name {sorted(dup)[0]!r} appears twice")
+            seen: dict[str, str] = {}
+            for r in self.routes:
+                for t in r.input_topics:
+                    if t in seen:
+                        raise ValueError(f"routes: input topic {t!r} is in routes {seen[t]!r} and {r.name!r}; "
+                                         "an event goes to exactly one route")
+                    seen[t] = r.name
+            union = list(seen)
+            if self.kafka.input_topics and sorted(self.kafka.input_topics) != sorted(union):
+                raise ValueError("kafka.input_topics must be empty or list exactly the routes' input topics "
+                                 f"({union}) when [[routes]] are given")
+            self.kafka.input_topics = union
         if not self.kafka.input_topics:
             raise ValueError("kafka.input_topics: at least one input topic is required")
-        outputs = {self.topics.scores, self.topics.dlq, self.topics.drift, self.drift.reports_topic}
+        outputs = {self.topics.scores, self.topics.dlq, self.topics.drift, self.drift.reports_topic,
+                   self.topics.shadow, self.topics.audit, self.topics.control}
+        outputs |= {r.scores for r in self.routes if r.scores} | {r.dlq for r in self.routes if r.dlq}
         loops = outputs & set(self.kafka.input_topics)
         if loops:
             raise ValueError(f"topics: output topic {sorted(loops)[0]!r} is also an input topic (a feedback loop)")
         if self.transactions.revoke_timeout_ms >= self.kafka.max_poll_interval_ms:
             raise ValueError("transactions.revoke_timeout_ms must stay below kafka.max_poll_interval_ms")
         return self
+
+    def effective_routes(self) -> list[RouteSettings]:
+        """The routes this worker serves, with empty topics filled in ([[routes]] or the one implied)."""
+        if not self.routes:
+            return [RouteSettings(name=_route_name(self.model.path), input_topics=list(self.kafka.input_topics),
+                                  model=self.model, scores=self.topics.scores, dlq=self.topics.dlq, guard=self.guard)]
+        return [r.model_copy(update={"scores": r.scores or self.topics.scores, "dlq": r.dlq or self.topics.dlq})
+                for r in self.routes]
+
+    def config_sha256(self) -> str:
+        """SHA-256 of the effective configuration, credentials excluded (score records' lineage)."""
+        doc = self.model_dump(mode="json")
+        doc["kafka"]["client"] = {k: ("***" if is_secret_key(k) else v)
+                                  for k, v in sorted(doc["kafka"].get("client", {}).items())}
+        doc["kafka"].pop("replica_id", None)  # the same config on every replica
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _route_name(model_path: Path) -> str:
+    """The implied route's name: the model folder's name, made a valid route name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(model_path).name)[:100]
+    return name or "main"
 
 
 def _env_key(section: str, key: str) -> str:
@@ -396,6 +506,8 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tup
         if field is None:
             raise ConfigError(f"{name}: unknown section {section.lower()!r}; known: {', '.join(sections)}")
         model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise ConfigError(f"{name}: {section.lower()} is a list; set all of it as JSON in {ENV_PREFIX}{section.upper()}")
         path = [section.lower(), *(p.lower() for p in key.split(ENV_DELIMITER))]
         sub = model.model_fields.get(path[1]) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if sub is None:
@@ -480,14 +592,19 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
 def reference() -> str:
     """The settings reference: one line per key with type, default and env variable."""
     out = []
-    for section, field in Settings.model_fields.items():
-        model = field.annotation
-        out.append(f"[{section}]")
+    sections = [(name, f.annotation, f"[{name}]") for name, f in Settings.model_fields.items() if name != "routes"]
+    sections.append(("routes", RouteSettings, "[[routes]]  (a list; env SLUICE_ROUTES as JSON)"))
+    for section, model, title in sections:
+        out.append(title)
         for key, f in model.model_fields.items():  # type: ignore[union-attr]
             default = "<host name>" if key == "replica_id" else (
                 f.default_factory() if f.default_factory else f.default
             )
+            if isinstance(default, BaseModel):
+                default = "{...}"
+            shown = "required" if f.is_required() else f"default {default!r}"
+            env = "in SLUICE_ROUTES" if section == "routes" else _env_key(section, key)
             typ = getattr(f.annotation, "__name__", str(f.annotation)).replace("typing.", "")
-            out.append(f"  {key} ({typ}, default {default!r}, env {_env_key(section, key)})")
+            out.append(f"  {key} ({typ}, {shown}, env {env})")
             out.append(f"      {f.description}")
     return "\n".join(out)

@@ -128,6 +128,37 @@ class Metrics:
             ["model", "feature"], registry=r,
         )
         self.ready_gauge = Gauge("sluice_ready", "1 when /readyz answers 200.", registry=r)
+        # Model lifecycle: per route and role (primary, canary, shadow).
+        self.deployment_info = Gauge(
+            "sluice_deployment_info", "1 per model of the deployment each route runs now.",
+            ["route", "role", "deployment", "model", "version", "sha256"], registry=r,
+        )
+        self.deployment_events = Counter(
+            "sluice_deployment_events",
+            "Deployments loaded, applied (first outputs), refused, and canaries rolled back by the guard.",
+            ["route", "event"], registry=r,
+        )
+        self.switch_seconds = Gauge(
+            "sluice_deployment_switch_seconds",
+            "From a deployment's pool being warm to its first output being produced (the switch's stall).",
+            ["route"], registry=r,
+        )
+        self.route_scored = Counter(
+            "sluice_route_events_scored", "Score records per route and role (committed or not).", ["route", "role"],
+            registry=r,
+        )
+        self.route_inference = Histogram(
+            "sluice_route_batch_seconds", "Scoring time per batch and route (every model of the deployment).",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.shadow_compared = Counter(
+            "sluice_shadow_compared", "Events scored by both a shadow model and the primary or canary.",
+            ["route", "model", "version"], registry=r,
+        )
+        self.shadow_agreed = Counter(
+            "sluice_shadow_agreed", "... of those, events whose label the shadow model agrees on.",
+            ["route", "model", "version"], registry=r,
+        )
         self.alive_at = time.monotonic()
         self.ready = False
         self.not_ready_reason = "starting"

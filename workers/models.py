@@ -205,6 +205,18 @@ def _sample_events(spec: ModelSpec, n: int, seed: int, bad_fraction: float = 0.0
                                    attack_fraction=0.1))
 
 
+def _fatal(mismatched: list[str]) -> bool:
+    """A name or column mismatch means other artifacts; a version alone is a re-versioned copy."""
+    return any(k != "version" for k in mismatched)
+
+
+def _mismatch(mismatched: list[str], theirs: object, ours: str) -> str:
+    if _fatal(mismatched):
+        return f"differs from the manifest: {mismatched} (retrain)"
+    return (f"version {theirs!r} here, {ours!r} in the manifest: a re-versioned copy of the same artifacts "
+            "(name and columns match)")
+
+
 def check_model(path: str | pathlib.Path, events: int = 4000, seed: int = 12345) -> CheckReport:
     """Artifacts vs manifest, schema vs features, generated events, ONNX vs torch parity.
 
@@ -252,8 +264,9 @@ def check_model(path: str | pathlib.Path, events: int = 4000, seed: int = 12345)
         meta = {p.key: p.value for p in onnx.load(str(spec.onnx_path), load_external_data=False).metadata_props}
         want = {"model": spec.name, "version": spec.version, "columns": ",".join(spec.columns)}
         bad = [k for k, v in want.items() if k in meta and meta[k] != v]
-        rep.add("onnx metadata", not bad and bool(meta),
-                f"differs from the manifest: {bad} (retrain)" if bad else ("model, version, columns match" if meta else "no sluice metadata in the ONNX (retrain with train.py)"))
+        rep.add("onnx metadata", not _fatal(bad) and bool(meta),
+                _mismatch(bad, meta.get("version"), spec.version) if bad
+                else ("model, version, columns match" if meta else "no sluice metadata in the ONNX (retrain with train.py)"))
 
     # -- baseline vs manifest
     if spec.baseline_path.is_file():
@@ -262,7 +275,7 @@ def check_model(path: str | pathlib.Path, events: int = 4000, seed: int = 12345)
             doc = json.loads(spec.baseline_path.read_text())
             bad = [k for k, v in (("model", spec.name), ("version", spec.version), ("columns", list(spec.columns)))
                    if doc.get(k) != v]
-            rep.add("baseline", not bad, f"differs from the manifest: {bad} (retrain)" if bad
+            rep.add("baseline", not _fatal(bad), _mismatch(bad, doc.get("version"), spec.version) if bad
                     else f"{len(doc['features'])} feature distributions + score")
         except (ValueError, KeyError) as e:
             rep.add("baseline", False, str(e))

@@ -27,7 +27,17 @@ The commit protocol, as in DESIGN.md:
 
 One thread (the caller of :meth:`Pipeline.run`) owns the consumer and every
 transaction call; batches are featurized, scored and encoded in the scoring
-processes of :class:`workers.inference.pool.ScoringPool` (or its threads).
+processes of :class:`workers.inference.pool.ScoringPool` (or its threads). What one
+transaction has taken lives in a :class:`workers.transaction.Transaction`; a new one
+follows every commit and abort.
+
+Routes and deployments: each route (``[[routes]]``, or the one implied by ``[model]``) has
+its own scoring pool holding its deployment's models (primary, canary, shadows). A new
+deployment from the control topic is loaded in a new pool in the background
+(:mod:`workers.lifecycle`); new batches go to it once it is warm. Outputs of two
+deployments never share a transaction: the open one is committed before the first output
+of the new deployment, and the first outputs of a deployment on each partition carry an
+``applied`` audit record (its first offset) in the same transaction.
 """
 
 from __future__ import annotations
@@ -36,23 +46,29 @@ import gc
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 import threading
 from collections import Counter, deque
 from concurrent.futures import BrokenExecutor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import orjson
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from workers import __version__
 from workers.batching import MicroBatcher
-from workers.config import Settings
+from workers.config import RouteSettings, Settings
+from workers.control import Deployment, ModelRef, artifacts_sha256, audit_record, initial_deployment
 from workers.drift import DriftAccumulator
 from workers.exit_codes import BrokerUnavailable, ConfigError, ExitCode
 from workers.features import ModelSpec
 from workers.inference.pool import ScoringPool, ScoringTimeout
+from workers.lifecycle import CanaryGuard, ControlFollower, DeploymentLoader, read_deployments
 from workers.kafka import settings as kafka_settings
 from workers.kafka.admin import (
     StartupErrorLog,
@@ -72,6 +88,7 @@ from workers.kafka.producer import (
 from workers.metrics import Metrics
 from workers.records import dead_letter
 from workers.scoring import ScoredBatch, ScorerConfig
+from workers.transaction import Transaction
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +137,29 @@ DRIFT_GAUGE_INTERVAL_S = 1.0
 # the worker with exit 3; more than this many consumer fences within the window end it too.
 CONSUMER_REFENCE_LIMIT = 3
 CONSUMER_REFENCE_WINDOW_S = 60.0
+# A deployment's models pass `sluice models check` (artifacts, schema, generated events, parity)
+# in a child process before they are loaded: the check may import torch, which must not
+# inflate the worker. Past this it is refused (a check takes a few seconds here).
+MODEL_CHECK_TIMEOUT_S = 300.0
+MODEL_CHECK_EVENTS = 500
+# Lifecycle housekeeping (guard verdicts, retiring old pools) runs at most this often.
+LIFECYCLE_TICK_S = 1.0
+
+
+class Route:
+    """One route's live state: its deployment, the pool that scores it, its canary guard."""
+
+    def __init__(self, settings: RouteSettings, deployment: Deployment, pool: ScoringPool, specs: dict[str, ModelSpec]):
+        self.settings = settings
+        self.name = settings.name
+        self.deployment = deployment
+        self.pool = pool
+        self.specs = specs                      # role -> ModelSpec of the deployment (primary, canary)
+        self.guard = CanaryGuard(settings.guard) if settings.guard.enabled else None
+        self.loader: DeploymentLoader | None = None
+        self.refused: set[str] = set()          # deployment ids that failed to load or check
+        self.guard_tripped: str | None = None   # the deployment whose canary this replica rolled back
+        self.switched_at: float | None = None   # monotonic time the current deployment took over
 
 
 class StopWorker(Exception):
@@ -138,6 +178,8 @@ class Batch:
     keys: list[bytes | None]
     next_offsets: dict[tuple[str, int], int]  # per partition: the offset after the batch's last message
     future: Future | None = None
+    route: Route | None = None
+    deployment: Deployment | None = None      # whose models scored it (the route's when submitted)
 
 
 @dataclass
@@ -188,38 +230,62 @@ class Pipeline:
         self._paused = False
         self._full_since: float | None = None  # when the in-flight queue last became full
         self._inflight: deque[Batch] = deque()
-        self._pending_offsets: dict[tuple[str, int], int] = {}
-        self._txn_started_at: float | None = None
+        self.txn: Transaction | None = None  # the open (or next) transaction
         self._drift_gauges_at = 0.0
-        self.drift: DriftAccumulator | None = None
+        self._drift: dict[tuple[str, str], DriftAccumulator] = {}  # (model, version) -> its deltas
         self.consumer: Consumer | None = None
         self.producer: TransactionalProducer | None = None
-        self.pool: ScoringPool | None = None
+        self.routes: dict[str, Route] = {}
+        self._route_of: dict[str, Route] = {}       # input topic -> route
+        self._single_route: Route | None = None
+        # Committed `applied` audits: partition -> the deployment its outputs come from.
+        self._applied: dict[tuple[str, int], str] = {}
+        self._retiring: list[ScoringPool] = []      # pools of replaced deployments, shut down when unused
+        self._follower: ControlFollower | None = None
+        self._lifecycle_at = 0.0
+        self._checked: set[str] = set()             # sha256 of models that passed `models check` here
+        self.worker_lineage = {"replica": settings.kafka.replica_id, "version": __version__,
+                               "config_sha256": settings.config_sha256()}
+
+    @property
+    def pool(self) -> ScoringPool | None:
+        """The first route's pool (the only one of a single-model worker)."""
+        return next(iter(self.routes.values())).pool if self.routes else None
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The first route's primary model."""
+        return next(iter(self.routes.values())).specs["primary"]
 
     # ------------------------------------------------------------------ setup
 
     def start(self) -> None:
         """Load and warm the model, check topics, init transactions, subscribe."""
         s = self.settings
-        self.spec = ModelSpec.load(s.model.path)
-        if s.drift.enabled:
-            self.drift = DriftAccumulator(self.spec, s.kafka.replica_id, recent_s=s.drift.recent_s)
-        sizes = sorted({1, s.batching.max_batch_size} | {2**i for i in range(1, 16) if 2**i < s.batching.max_batch_size})
+        self._sizes = tuple(sorted({1, s.batching.max_batch_size}
+                                   | {2**i for i in range(1, 16) if 2**i < s.batching.max_batch_size}))
         # Scoring executors first: a model that cannot load fails the start before any Kafka client
         # exists, and spawning them before librdkafka's threads keeps the processes lean.
-        self.pool = ScoringPool(
-            ScorerConfig(s.model.path, s.model.backend, s.model.device, s.inference.intra_op_threads, tuple(sizes),
-                         drift=s.drift.enabled),
-            processes=s.inference.processes, threads=s.inference.threads,
-            log_level=s.logging.level, log_format=s.logging.format,
-        )
         try:
-            self.pool.start()
+            for rs in s.effective_routes():
+                dep = initial_deployment(s.kafka.group_id, rs.name, rs.model.path, rs.model.backend, rs.model.device)
+                pool = self._new_pool(rs, dep)
+                route = self.routes[rs.name] = Route(rs, dep, pool, self._specs(dep))
+                pool.start()
+                self._checked.add(dep.primary.sha256)
+                for t in rs.input_topics:
+                    self._route_of[t] = route
+            if len(self.routes) == 1:
+                self._single_route = next(iter(self.routes.values()))
             self._start_clients()
+            self._apply_startup_deployments()
         except BaseException:
             # Leave no scoring process behind a start that failed (the CLI exits 2 or 75).
-            self.pool.shutdown(wait=True, cancel=True)
+            for route in self.routes.values():
+                route.pool.shutdown(wait=True, cancel=True)
             raise
+        for route in self.routes.values():
+            self._publish_deployment_metrics(route, None)
         # Start-up objects (model, clients, modules) live as long as the process: keep them out
         # of every future collection, then collect the hot path's garbage less often.
         gc.collect()
@@ -236,8 +302,6 @@ class Pipeline:
         self.metrics.model_info.info(
             {"name": self.spec.name, "version": self.spec.version, "backend": s.model.backend, "device": s.model.device}
         )
-        self._scored_counter = self.metrics.scored.labels(self.spec.name)
-        self._infer_hist = self.metrics.inference_seconds.labels(self.spec.name, s.model.backend)
 
         admin_conf = kafka_settings.admin_config(s)
         errors = StartupErrorLog(admin_conf.get("logger"))
@@ -256,18 +320,223 @@ class Pipeline:
             )
         if s.topics.create:
             parts = s.topics.partitions or counts[s.kafka.input_topics[0]]
-            created = ensure_topics(
-                admin, [s.topics.scores, s.topics.dlq, s.topics.drift], parts, s.topics.replication_factor
-            )
+            outputs = [s.topics.scores, s.topics.dlq, s.topics.drift, s.topics.shadow, s.topics.audit]
+            outputs += [r.settings.scores for r in self.routes.values()] + [r.settings.dlq for r in self.routes.values()]
+            created = ensure_topics(admin, outputs, parts, s.topics.replication_factor)
+            # One record per route: compacted, so the latest deployment is always there to read.
+            created += ensure_topics(admin, [s.topics.control], 1, s.topics.replication_factor,
+                                     config={"cleanup.policy": "compact"})
             if created:
                 log.info("created output topics", extra={"topics": created, "partitions": parts})
 
         self.producer = TransactionalProducer(kafka_settings.producer_config(s))
         self.producer.init()
+        self.txn = Transaction(self.producer)
         self.consumer = self._new_consumer()
         self.batcher: MicroBatcher[Message] = MicroBatcher(
             s.batching.max_batch_size, s.batching.max_batch_delay_ms / 1000.0, s.batching.adaptive
         )
+
+    # ------------------------------------------------------------ deployments
+
+    def _scorer_config(self, rs: RouteSettings, dep: Deployment) -> ScorerConfig:
+        """What a scoring executor needs for a deployment: every model with its lineage."""
+        s = self.settings
+        worker = tuple(self.worker_lineage.items())
+
+        def one(ref: ModelRef, role: str, drift: bool) -> ScorerConfig:
+            return ScorerConfig(Path(ref.path), ref.backend or rs.model.backend, ref.device or rs.model.device,
+                                s.inference.intra_op_threads, self._sizes, drift=drift, role=role,
+                                deployment=dep.id, sha256=ref.sha256, worker=worker)
+
+        cfg = one(dep.primary, "primary", s.drift.enabled)
+        canary = one(dep.canary, "canary", s.drift.enabled) if dep.canary is not None else None
+        shadow = tuple(one(m, "shadow", False) for m in dep.shadow)
+        return replace(cfg, canary=canary, fraction=dep.fraction, shadow=shadow)
+
+    def _new_pool(self, rs: RouteSettings, dep: Deployment) -> ScoringPool:
+        s = self.settings
+        return ScoringPool(self._scorer_config(rs, dep), processes=s.inference.processes,
+                           threads=s.inference.threads, log_level=s.logging.level, log_format=s.logging.format)
+
+    @staticmethod
+    def _specs(dep: Deployment) -> dict[str, ModelSpec]:
+        specs = {"primary": ModelSpec.load(dep.primary.path)}
+        if dep.canary is not None:
+            specs["canary"] = ModelSpec.load(dep.canary.path)
+        return specs
+
+    def _build_deployment(self, rs: RouteSettings, dep: Deployment) -> ScoringPool:
+        """Check a deployment's models and start a warm pool for it (any error refuses it).
+
+        Runs in a loader thread: the checks are child processes (all at once), and models
+        already running or checked before (same sha256) are not checked again.
+        """
+        checks = []
+        for role, ref in dep.models():
+            digest = artifacts_sha256(ref.path)
+            if digest != ref.sha256:
+                raise ValueError(f"{role} model at {ref.path}: its artifacts changed since the deployment "
+                                 f"was written (sha256 {digest[:12]}, the deployment says {ref.sha256[:12]})")
+            if ref.sha256 in self._checked:
+                continue
+            checks.append((role, ref, subprocess.Popen(
+                [sys.executable, "-m", "workers", "models", "check", str(ref.path), "--events", str(MODEL_CHECK_EVENTS)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+        failures = []
+        for role, ref, proc in checks:
+            try:
+                out, _ = proc.communicate(timeout=MODEL_CHECK_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                failures.append(f"{role} model at {ref.path}: `sluice models check` took over {MODEL_CHECK_TIMEOUT_S:.0f}s")
+                continue
+            if proc.returncode != 0:
+                failed = [ln for ln in out.splitlines() if ln.startswith("FAIL")] or out.strip().splitlines()[-1:]
+                failures.append(f"{role} model at {ref.path} fails `sluice models check`: " + "; ".join(failed))
+            else:
+                self._checked.add(ref.sha256)
+        if failures:
+            raise ValueError(" | ".join(failures))
+        pool = self._new_pool(rs, dep)
+        try:
+            pool.start()
+        except BaseException:
+            pool.shutdown(wait=True, cancel=True)
+            raise
+        return pool
+
+    def _apply_startup_deployments(self) -> None:
+        """Before anything is scored: the latest deployment of each route on the control topic."""
+        try:
+            latest = read_deployments(self.settings)
+        except (KafkaException, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot read the control topic {self.settings.topics.control!r}: {exc}") from exc
+        for name, dep in latest.items():
+            route = self.routes.get(name)
+            if route is None or dep.id == route.deployment.id:
+                continue
+            log.info("applying the route's deployment before scoring", extra={"route": name, "deployment": dep.id})
+            try:
+                pool = self._build_deployment(route.settings, dep)
+            except Exception as exc:  # noqa: BLE001 - refused; the route keeps its configured model
+                self._refuse(route, dep, f"{type(exc).__name__}: {exc}")
+                continue
+            self._switch(route, dep, pool)
+        self._follower = ControlFollower(self.settings, set(self.routes))
+        self._follower.start()
+
+    def _refuse(self, route: Route, dep: Deployment, error: str) -> None:
+        route.refused.add(dep.id)
+        log.error("deployment refused; the route keeps its current deployment",
+                  extra={"route": route.name, "deployment": dep.id, "error": error, "current": route.deployment.id})
+        self.metrics.deployment_events.labels(route.name, "refused").inc()
+        self._add_record(self.settings.topics.audit, dep.key, audit_record(
+            "refused", dep, replica=self.settings.kafka.replica_id, worker=self.worker_lineage, error=error,
+            extra={"kept": route.deployment.id}))
+
+    def _add_record(self, topic: str, key: bytes, value: bytes) -> None:
+        """A record for the open transaction (or the next one, if the producer is between)."""
+        if self.producer.failed is not None:
+            return
+        self.txn.add_record(topic, key, value)
+
+    def _switch(self, route: Route, dep: Deployment, pool: ScoringPool) -> None:
+        """New batches of the route go to ``pool`` from now on; the old pool retires when unused."""
+        old_dep, old_pool = route.deployment, route.pool
+        route.deployment, route.pool, route.specs = dep, pool, self._specs(dep)
+        route.switched_at = time.monotonic()
+        if route.guard is not None:
+            route.guard.reset()
+        self._retiring.append(old_pool)
+        self._publish_deployment_metrics(route, old_dep)
+        self.metrics.deployment_events.labels(route.name, "loaded").inc()
+        log.info("deployment loaded; new batches use it", extra={
+            "route": route.name, "deployment": dep.id, "kind": dep.kind, "previous": old_dep.id,
+            "primary": f"{dep.primary.name} {dep.primary.version}",
+            "canary": None if dep.canary is None else f"{dep.canary.name} {dep.canary.version} x{dep.fraction:g}",
+            "shadow": [f"{m.name} {m.version}" for m in dep.shadow]})
+
+    def _publish_deployment_metrics(self, route: Route, old: Deployment | None) -> None:
+        info = self.metrics.deployment_info
+        if old is not None:
+            for role, ref in old.models():
+                try:
+                    info.remove(route.name, role, old.id, ref.name, ref.version, ref.sha256[:12])
+                except KeyError:
+                    pass
+        for role, ref in route.deployment.models():
+            info.labels(route.name, role, route.deployment.id, ref.name, ref.version, ref.sha256[:12]).set(1)
+
+    def _lifecycle(self, now: float) -> None:
+        """New deployments to load, loaded ones to switch to, guard verdicts, old pools to free."""
+        follower = self._follower
+        if follower is not None and follower.pending:
+            for name, dep in follower.take().items():
+                route = self.routes.get(name)
+                if route is None or dep.id == route.deployment.id or dep.id in route.refused:
+                    continue
+                if route.loader is not None and route.loader.deployment.id == dep.id:
+                    continue
+                log.info("loading a new deployment in the background", extra={"route": name, "deployment": dep.id})
+                route.loader = DeploymentLoader(dep, lambda d, rs=route.settings: self._build_deployment(rs, d))
+        for route in self.routes.values():
+            loader = route.loader
+            if loader is None or not loader.done:
+                continue
+            route.loader = None
+            if loader.error is not None:
+                self._refuse(route, loader.deployment, loader.error)
+            else:
+                self._switch(route, loader.deployment, loader.pool)
+        if now - self._lifecycle_at < LIFECYCLE_TICK_S:
+            return
+        self._lifecycle_at = now
+        for route in self.routes.values():
+            dep = route.deployment
+            if route.guard is None or dep.canary is None or route.guard_tripped == dep.id:
+                continue
+            why = route.guard.verdict(time.monotonic())
+            if why:
+                self._guard_rollback(route, why)
+        if self._retiring:
+            in_use = {id(b.future._pool) for b in self._inflight if b.future is not None}
+            for pool in [p for p in self._retiring if id(p) not in in_use]:
+                self._retiring.remove(pool)
+                threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel": True},
+                                 name="retire-scoring-pool", daemon=True).start()
+
+    def _guard_rollback(self, route: Route, why: str) -> None:
+        """The canary broke a limit: write the rollback (every replica follows it) and say why."""
+        dep = route.deployment
+        route.guard_tripped = dep.id
+        rollback = dep.without_canary(reason=f"canary guard: {why}", requested_by={
+            "replica": self.settings.kafka.replica_id, "tool": "sluice canary guard"})
+        # The same id on every replica that trips for this deployment: one switch, not one per replica.
+        rollback = replace(rollback, id=f"{dep.id}~guard")
+        log.warning("canary guard: rolling the canary back", extra={"route": route.name, "deployment": dep.id,
+                                                                   "reason": why, "rollback": rollback.id})
+        self.metrics.deployment_events.labels(route.name, "guard_rollback").inc()
+        self._add_record(self.settings.topics.control, rollback.key, rollback.encode())
+        self._add_record(self.settings.topics.audit, rollback.key, audit_record(
+            "guard_rollback", dep, replica=self.settings.kafka.replica_id, worker=self.worker_lineage,
+            reason=why, extra={"rollback": rollback.id}))
+
+    def _drift_for(self, spec: ModelSpec) -> DriftAccumulator:
+        acc = self._drift.get((spec.name, spec.version))
+        if acc is None:
+            acc = self._drift[(spec.name, spec.version)] = DriftAccumulator(
+                spec, self.settings.kafka.replica_id, recent_s=self.settings.drift.recent_s)
+        return acc
+
+    def _drift_records(self) -> list[tuple[str, bytes, bytes]]:
+        out = []
+        for (name, _), acc in self._drift.items():
+            delta = acc.take_delta()
+            if delta is not None:
+                out.append((self.settings.topics.drift, name.encode(), delta))
+        return out
 
     def _renew_producer(self) -> None:
         """Continue under a fresh producer epoch after a commit or abort of unknown outcome.
@@ -314,6 +583,7 @@ class Pipeline:
                     "consumer", extra={"error": err.str()})
         lost = set(self._assigned)
         self._abort_and_rewind("consumer_fenced", partitions=set())
+        self._applied.clear()
         self._forget_lag(lost)
         self._assigned.clear()
         self.metrics.assigned_partitions.set(0)
@@ -378,7 +648,9 @@ class Pipeline:
             self.metrics.heartbeat()
             self._emit_completed(block_s=0.0)
             now = time.monotonic()
-            if self._txn_started_at is not None and now - self._txn_started_at >= commit_interval:
+            self._lifecycle(now)
+            started = self.txn.started_at
+            if started is not None and now - started >= commit_interval:
                 self._commit("interval")
 
             if len(self._inflight) >= max_inflight:
@@ -400,23 +672,33 @@ class Pipeline:
             left = batcher.time_left(now)
             if left is not None:
                 wait = min(wait, left)
-            if self._txn_started_at is not None:
-                wait = min(wait, max(0.0, self._txn_started_at + commit_interval - now))
+            if self.txn.started_at is not None:
+                wait = min(wait, max(0.0, self.txn.started_at + commit_interval - now))
             if self._inflight:
                 wait = min(wait, INFLIGHT_POLL_WAIT_S)
-                if self.pool.writing:
+                if self._writing():
                     wait = min(wait, WRITING_POLL_WAIT_S)
             msgs = self._consume(batcher.room, wait)
             now = time.monotonic()
-            if not msgs and not self._inflight and not len(batcher) and self._txn_started_at is not None:
+            if not msgs and not self._inflight and not len(batcher) and self.txn.started_at is not None:
                 # Idle: a whole poll brought nothing and everything consumed is emitted, so
                 # commit now rather than make readers wait for the interval.
                 self._commit("idle")
                 continue
             for full in batcher.add(msgs, now):
                 self._submit(full)
-            if batcher.due(now, self.pool.idle):
+            if batcher.due(now, self._idle()):
                 self._submit(batcher.take())
+
+    def _writing(self) -> bool:
+        if self._single_route is not None:
+            return self._single_route.pool.writing
+        return any(r.pool.writing for r in self.routes.values())
+
+    def _idle(self) -> bool:
+        if self._single_route is not None:
+            return self._single_route.pool.idle
+        return any(r.pool.idle for r in self.routes.values())
 
     def _consume(self, n: int, timeout: float) -> list[Message]:
         self._rewound.clear()
@@ -488,17 +770,29 @@ class Pipeline:
     # -------------------------------------------------------- batch lifecycle
 
     def _submit(self, msgs: list[Message]) -> None:
+        """Send a batch to its route's pool (split by route when a worker serves several)."""
+        route = self._single_route
+        if route is not None:
+            self._submit_to(route, msgs)
+            return
+        by_route: dict[str, list[Message]] = {}
+        for m in msgs:
+            by_route.setdefault(self._route_of[m.topic()].name, []).append(m)
+        for name, part in by_route.items():
+            self._submit_to(self.routes[name], part)
+
+    def _submit_to(self, route: Route, msgs: list[Message]) -> None:
         partitions = [m.partition() for m in msgs]
         offsets = [m.offset() for m in msgs]
-        if self._single_topic is not None:
-            topics = self._single_topic
+        if self._single_topic is not None or len(route.settings.input_topics) == 1:
+            topics = route.settings.input_topics[0]
             # Offsets rise within a partition, so the last one seen per partition is its maximum.
             last = {(topics, p): o + 1 for p, o in dict(zip(partitions, offsets)).items()}
         else:
             topics = [m.topic() for m in msgs]
             last = {tp: o + 1 for tp, o in dict(zip(zip(topics, partitions), offsets)).items()}
-        batch = Batch(msgs, [m.key() for m in msgs], last)
-        batch.future = self.pool.submit([m.value() for m in msgs], topics, partitions, offsets)
+        batch = Batch(msgs, [m.key() for m in msgs], last, route=route, deployment=route.deployment)
+        batch.future = route.pool.submit([m.value() for m in msgs], topics, partitions, offsets)
         self._inflight.append(batch)
         self.metrics.inflight_batches.set(len(self._inflight))
         self.metrics.batch_size.observe(len(msgs))
@@ -510,21 +804,23 @@ class Pipeline:
         inflight = self._inflight
         while inflight:
             fut = inflight[0].future
+            pool = fut._pool
             try:
                 # Bounded: a backend that holds a batch past the pool's scoring deadline
                 # (SCORING_DEADLINE_S) raises ScoringTimeout; the pool is broken then.
-                if not self.pool.wait(fut, block_s):
+                if not pool.wait(fut, block_s):
                     return
                 block_s = 0.0
                 batch = inflight.popleft()
-                self.pool.collected()
+                pool.collected()
                 result = fut.result()
             except ScoringTimeout as exc:
                 raise StopWorker(EXIT_SOFTWARE, f"scoring hung ({exc}); see its log above") from exc
             except BrokenExecutor as exc:
                 raise StopWorker(EXIT_SOFTWARE, f"a scoring process died ({exc}); see its log above") from exc
             try:
-                self._emit(batch, result)
+                if not self._emit(batch, result):
+                    return  # the transaction before it failed to commit: everything was rewound
             except AbortableError as exc:
                 # The transaction cannot go on (librdkafka refused a record): abort it and redo
                 # everything since the last commit, this batch included.
@@ -533,17 +829,42 @@ class Pipeline:
                 return
         self.metrics.inflight_batches.set(len(inflight))
 
-    def _emit(self, batch: Batch, result: ScoredBatch) -> None:
+    def _emit(self, batch: Batch, result: ScoredBatch) -> bool:
+        """Produce one batch's outputs into the open transaction (begun here if need be).
+
+        False when the batch was not emitted: its deployment differs from the open
+        transaction's for the route, the commit that closes that transaction failed, and
+        everything (this batch included) was aborted and rewound.
+        """
+        route, dep = batch.route, batch.deployment
+        txn = self.txn
+        if txn.open and txn.deployments.get(route.name, dep.id) != dep.id:
+            # A deployment switch: its first output starts a new transaction.
+            if not self._commit("switch"):
+                return False
+            txn = self.txn
         producer = self.producer
-        if not producer.in_transaction:
-            producer.begin()
-            self._txn_started_at = time.monotonic()
+        if not txn.open:
+            txn.begin()
+        txn.deployments[route.name] = dep.id
+        if route.switched_at is not None and dep is route.deployment:
+            self.metrics.switch_seconds.labels(route.name).set(time.monotonic() - route.switched_at)
+            route.switched_at = None
+        applied = self._applied
+        fresh = [tp for tp in batch.next_offsets if applied.get(tp) != dep.id and txn.applied.get(tp) != dep.id]
+        if fresh:
+            self._audit_applied(batch, fresh)
         topics_out = self.settings.topics
         msgs = batch.msgs
         self.metrics.queue_wait.observe(result.queue_wait_s)
-        self._infer_hist.observe(result.infer_s)
-        if self.drift is not None:
-            self.drift.add_counts(result.drift)
+        self.metrics.route_inference.labels(route.name).observe(result.infer_s)
+        if self._drift or self.settings.drift.enabled:
+            if result.drift is not None:
+                self._drift_for(self._spec_of(route, dep, "primary")).add_counts(result.drift)
+            if result.canary_drift is not None:
+                self._drift_for(self._spec_of(route, dep, "canary")).add_counts(result.canary_drift)
+        if route.guard is not None and dep.canary is not None and dep is route.deployment:
+            route.guard.add(result.role_stats, time.monotonic())
 
         values = result.records
         n = len(values)
@@ -552,7 +873,7 @@ class Pipeline:
             if n != len(msgs):  # rejects: pick the keys of the scored rows
                 keys = [keys[i] for i in result.positions.tolist()]
             produce = producer.produce_call
-            scores_topic = topics_out.scores
+            scores_topic = route.settings.scores
             for value, key in zip(values, keys):
                 try:
                     produce(scores_topic, value, key)
@@ -566,9 +887,24 @@ class Pipeline:
             if self.stats.latency_log is not None:
                 self.stats.latency_log.append((time.monotonic(), latency))
             self.stats.scored += n
-            self._scored_counter.inc(n)
+            for role, st in result.role_stats.items():
+                if role != "shadow":
+                    self.metrics.scored.labels(route.specs["primary"].name if role == "primary" else
+                                               (dep.canary.name if dep.canary else role)).inc(st[0])
+                    self.metrics.route_scored.labels(route.name, role).inc(st[0])
+        if result.shadow:
+            shadow_topic = topics_out.shadow
+            for i, (records, positions) in enumerate(result.shadow):
+                for value, pos in zip(records, positions.tolist()):
+                    producer.produce(shadow_topic, value, batch.keys[pos])
+                self.metrics.route_scored.labels(route.name, "shadow").inc(len(records))
+                both, agree = result.shadow_agreement[i]
+                labels = (route.name, dep.shadow[i].name, dep.shadow[i].version)
+                self.metrics.shadow_compared.labels(*labels).inc(both)
+                self.metrics.shadow_agreed.labels(*labels).inc(agree)
 
         max_dlq = topics_out.dlq_max_value_bytes
+        dlq_topic = route.settings.dlq
         for rej in result.rejects:
             m = msgs[rej.position]
             key = m.key()
@@ -576,28 +912,51 @@ class Pipeline:
                 m.value(), m.headers(), rej.reason, rej.detail, m.topic(), m.partition(), m.offset(),
                 self.worker_name, max_dlq - (len(key) if key else 0),
             )
-            producer.produce(topics_out.dlq, value, key, headers=headers)
+            producer.produce(dlq_topic, value, key, headers=headers)
             self.metrics.dead_lettered.labels(rej.reason).inc()
         self.stats.dead_letters += len(result.rejects)
-        self._pending_offsets.update(batch.next_offsets)
+        txn.take(batch.next_offsets)
+        return True
+
+    @staticmethod
+    def _spec_of(route: Route, dep: Deployment, role: str) -> ModelSpec:
+        """A role's model spec for a batch (a batch scored before a switch has the old deployment's)."""
+        if dep is route.deployment:
+            return route.specs[role]
+        return ModelSpec.load((dep.primary if role == "primary" else dep.canary).path)
+
+    def _audit_applied(self, batch: Batch, partitions: list[tuple[str, int]]) -> None:
+        """The first outputs of a deployment on these partitions: say so, in the same transaction."""
+        dep, want = batch.deployment, set(partitions)
+        first: dict[tuple[str, int], int] = {}
+        for m in batch.msgs:
+            tp = (m.topic(), m.partition())
+            if tp in want and tp not in first:
+                first[tp] = m.offset()
+                if len(first) == len(want):
+                    break
+        previous = {self._applied.get(tp) for tp in partitions} - {None}
+        trigger = "switch" if previous else "assigned"
+        self.txn.add_record(self.settings.topics.audit, dep.key, audit_record(
+            "applied", dep, replica=self.settings.kafka.replica_id, worker=self.worker_lineage,
+            offsets=[(t, p, o) for (t, p), o in sorted(first.items())],
+            extra={"trigger": trigger, "previous": sorted(previous)}))
+        for tp in partitions:
+            self.txn.applied[tp] = dep.id
+        if trigger == "switch":
+            self.metrics.deployment_events.labels(batch.route.name, "applied").inc()
 
     # ---------------------------------------------------------- transactions
 
     def _commit(self, why: str, timeout: float = COMMIT_TIMEOUT_S) -> bool:
         """Commit the open transaction; False if it had to be aborted (and was rewound)."""
-        if not self.producer.in_transaction:
+        txn = self.txn
+        if not txn.open:
             return True
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending_offsets.items()]
         start = time.perf_counter()
         try:
             # (a FatalProducerError, e.g. fenced, propagates: the process exits 3)
-            if self.drift is not None:
-                # The delta rides in the transaction that commits the offsets of the events it
-                # counts: every scored event is counted exactly once, across crashes too.
-                delta = self.drift.take_delta()
-                if delta is not None:
-                    self.producer.produce(self.settings.topics.drift, delta, self.spec.name.encode())
-            self.producer.commit(offsets, self.consumer.consumer_group_metadata(), timeout=timeout)
+            txn.commit(self.consumer.consumer_group_metadata(), self._drift_records, timeout)
         except AbortableError as exc:
             log.warning("transaction failed; aborting and rewinding", extra={"error": str(exc), "during": why})
             self._abort_and_rewind("commit_failed")
@@ -609,22 +968,26 @@ class Pipeline:
             return False
         self.metrics.commit_seconds.observe(time.perf_counter() - start)
         self.metrics.txn_committed.inc()
-        self._pending_offsets.clear()
-        self._txn_started_at = None
+        self._applied.update(txn.applied)
+        self.txn = Transaction(self.producer)
         self.stats.commits += 1
         self.stats.last_commit_at = time.monotonic()
-        if self.drift is not None and self.stats.last_commit_at - self._drift_gauges_at >= DRIFT_GAUGE_INTERVAL_S:
+        if self._drift and self.stats.last_commit_at - self._drift_gauges_at >= DRIFT_GAUGE_INTERVAL_S:
             self._drift_gauges_at = self.stats.last_commit_at
-            psi = self.drift.recent_psi()
-            for feature, value in psi.items():
-                self.metrics.drift_psi.labels(self.spec.name, feature).set(value)
-            self.stats.max_psi = max(psi.values(), default=math.nan)
+            worst = math.nan
+            for (name, _), acc in self._drift.items():
+                psi = acc.recent_psi()
+                for feature, value in psi.items():
+                    self.metrics.drift_psi.labels(name, feature).set(value)
+                worst = max(psi.values(), default=worst) if math.isnan(worst) else max([worst, *psi.values()])
+            self.stats.max_psi = worst
         return True
 
     def _abort_and_rewind(self, reason: str, partitions: set[tuple[str, int]] | None = None) -> None:
         """Step 4: abort, drop in-flight work, rewind to the last committed offsets."""
         self._drop_inflight()
         self.batcher.take()
+        carry = self.txn.carry_over()
         if self.producer.failed is None:
             try:
                 self.producer.abort()
@@ -634,10 +997,10 @@ class Pipeline:
             # (after a fatal error, e.g. fenced, no renewal: a new epoch would fence the
             # replica that legitimately took over; at shutdown the process is leaving anyway)
             self._renew_producer()
-        if self.drift is not None:
-            self.drift.reset()
-        self._pending_offsets.clear()
-        self._txn_started_at = None
+        for acc in self._drift.values():
+            acc.reset()
+        # Audit and control records of the aborted transaction go into the next one.
+        self.txn = Transaction(self.producer, carry)
         self.stats.aborts += 1
         self.metrics.txn_aborted.labels(reason).inc()
         targets = partitions if partitions is not None else set(self._assigned)
@@ -669,7 +1032,10 @@ class Pipeline:
     def _drop_inflight(self) -> None:
         """Cancel every in-flight batch at once: no waiting for inference (a hung backend
         cannot hold up an abort or a revoke); answers still coming are thrown away."""
-        self.pool.drop_all()
+        for route in self.routes.values():
+            route.pool.drop_all()
+        for pool in self._retiring:
+            pool.drop_all()
         self._inflight.clear()
         self.metrics.inflight_batches.set(0)
 
@@ -711,8 +1077,9 @@ class Pipeline:
         else:
             log.warning("revoke budget exceeded; aborting the open transaction", extra={"dropped": dropped})
             self._abort_and_rewind("revoke_timeout", partitions=self._assigned - revoked)
+        self.txn.forget(revoked)
         for key in revoked:
-            self._pending_offsets.pop(key, None)
+            self._applied.pop(key, None)  # a later owner of it audits its own outputs
         self._forget_lag(revoked)
         self._assigned -= revoked
         consumer.incremental_unassign(partitions)
@@ -726,6 +1093,8 @@ class Pipeline:
         lost = {(tp.topic, tp.partition) for tp in partitions}
         log.warning("partitions lost; aborting the open transaction", extra={"partitions": _names(partitions)})
         self._abort_and_rewind("partitions_lost", partitions=self._assigned - lost)
+        for key in lost:
+            self._applied.pop(key, None)
         self._forget_lag(lost)
         self._assigned -= lost
         consumer.incremental_unassign(partitions)
@@ -785,13 +1154,22 @@ class Pipeline:
                 self._drop_inflight()
                 if self.producer.in_transaction:
                     self.metrics.txn_aborted.labels("shutdown").inc()
+                if self.txn is not None and self.txn.records:
+                    log.warning("audit/control records of the aborted transaction are not written",
+                                extra={"records": len(self.txn.records)})
                 self.producer.abort(timeout=5.0)
             except Exception as exc:  # noqa: BLE001 - the broker's timeout / next init aborts it anyway
                 log.warning("abort at close failed", extra={"error": str(exc)})
-        if self.pool is not None:
+        if self._follower is not None:
+            self._follower.stop()
+        for route in self.routes.values():
             # Wait for a batch still running (cancelling queued ones) before freeing the
             # backend under it: a GPU backend would crash on freed buffers.
-            self.pool.shutdown(wait=True, cancel=True)
+            route.pool.shutdown(wait=True, cancel=True)
+            if route.loader is not None:
+                route.loader.abandon()
+        for pool in self._retiring:
+            pool.shutdown(wait=True, cancel=True)
         if self.consumer is not None:
             self.metrics.consumer_lag.clear()
             try:

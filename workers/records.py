@@ -1,10 +1,13 @@
 """Output record encoding: score records and dead letters.
 
 Score record (topic ``[topics] scores``, key = the input record's key), JSON,
-schema ``schemas/records/score.json``::
+schema ``schemas/records/score.json``; a shadow model's record (topic ``[topics] shadow``)
+is the same with ``"role": "shadow"``::
 
     {"event_id": "...", "score": 0.93, "label": true,
-     "model": {"name": "...", "version": "..."},
+     "model": {"name": "...", "version": "...", "sha256": "..."},
+     "role": "primary", "deployment": "flow_classifier@config-3f2a...",
+     "worker": {"replica": "...", "version": "0.1.0", "config_sha256": "..."},
      "source": {"topic": "...", "partition": 0, "offset": 42},
      "event_ts": 1763800000.123, "scored_at": 1763800000.180}
 
@@ -70,9 +73,21 @@ class ScoreEncoder:
     one ``orjson.dumps`` of a list of dicts split at the record boundary.
     """
 
-    def __init__(self, model_name: str, model_version: str, threshold: float):
+    def __init__(self, model_name: str, model_version: str, threshold: float, *, sha256: str = "",
+                 role: str = "", deployment: str = "", worker: dict | None = None):
         self.threshold = float(threshold)
-        model = orjson.dumps({"name": model_name, "version": model_version})
+        # Lineage (a live worker's records): the exact artifacts, the model's role, the
+        # deployment and the worker; constant per encoder, so they cost one join piece.
+        lineage = {"name": model_name, "version": model_version}
+        if sha256:
+            lineage["sha256"] = sha256
+        model = orjson.dumps(lineage)
+        if role:
+            model += b',"role":' + orjson.dumps(role)
+        if deployment:
+            model += b',"deployment":' + orjson.dumps(deployment)
+        if worker:
+            model += b',"worker":' + orjson.dumps(worker)
         self._head = b'{"event_id":"'
         self._score = b'","score":'
         # label + model + source's opening, one per label value

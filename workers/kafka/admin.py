@@ -110,14 +110,16 @@ def ensure_topics(
     partitions: int,
     replication_factor: int = -1,
     timeout: float = METADATA_TIMEOUT_S,
+    config: dict[str, str] | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet; return the names created."""
+    """Create the topics that do not exist yet (with topic ``config``); return the names created."""
     existing = partition_counts(admin, timeout)
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor) for t in missing],
+        [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor, config=dict(config or {}))
+         for t in missing],
         operation_timeout=timeout,
     )
     for name, fut in futures.items():
