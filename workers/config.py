@@ -187,6 +187,38 @@ class GuardSettings(_Section):
         return bool(self.max_dlq_rate or self.max_psi or self.max_p99_ms)
 
 
+class DegradeSettings(_Section):
+    """Graceful degradation: under sustained pressure a route switches to a cheaper fallback model."""
+
+    fallback: Path | None = Field(
+        None, description="A cheaper model folder (a quantized variant, a smaller model); unset = never degrade.",
+    )
+    fallback_backend: str = Field("", description="Backend of the fallback; empty = the route's [model] backend.")
+    max_lag: int = Field(
+        0, ge=0, description="Pressure: consumer lag (records, this replica's partitions) above this; 0 = not judged.",
+    )
+    max_p99_ms: float = Field(
+        0.0, ge=0, description="Pressure: end-to-end p99 of recent batches (event time to emit) above this; 0 = not judged.",
+    )
+    after_s: float = Field(10.0, gt=0, description="Switch to the fallback once pressure has lasted this long.")
+    recover_after_s: float = Field(
+        30.0, gt=0,
+        description="Switch back once there has been no pressure for this long (hysteresis: longer than after_s).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.fallback is not None and bool(self.max_lag or self.max_p99_ms)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DegradeSettings":
+        if self.fallback is not None and not (self.max_lag or self.max_p99_ms):
+            raise ValueError("degrade.fallback needs a pressure limit: set max_lag or max_p99_ms")
+        if self.recover_after_s < self.after_s:
+            raise ValueError("degrade.recover_after_s must be at least after_s, or the route would flap")
+        return self
+
+
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
@@ -202,6 +234,9 @@ class RouteSettings(_Section):
     scores: str = Field("", description="Scores topic of this route; empty = [topics] scores.")
     dlq: str = Field("", description="Dead-letter topic of this route; empty = [topics] dlq.")
     guard: GuardSettings = Field(default_factory=lambda: GuardSettings(), description="Limits on this route's canary.")
+    degrade: DegradeSettings = Field(
+        default_factory=lambda: DegradeSettings(), description="This route's fallback under pressure."
+    )
 
     @field_validator("name")
     @classmethod
@@ -319,6 +354,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     guard: GuardSettings = Field(default_factory=GuardSettings)
+    degrade: DegradeSettings = Field(default_factory=DegradeSettings)
     routes: list[RouteSettings] = Field(
         default_factory=list,
         description="[[routes]]: several event kinds in one worker; empty = one route from [kafka] input_topics, "
@@ -374,7 +410,8 @@ class Settings(BaseSettings):
         """The routes this worker serves, with empty topics filled in ([[routes]] or the one implied)."""
         if not self.routes:
             return [RouteSettings(name=_route_name(self.model.path), input_topics=list(self.kafka.input_topics),
-                                  model=self.model, scores=self.topics.scores, dlq=self.topics.dlq, guard=self.guard)]
+                                  model=self.model, scores=self.topics.scores, dlq=self.topics.dlq, guard=self.guard,
+                                  degrade=self.degrade)]
         return [r.model_copy(update={"scores": r.scores or self.topics.scores, "dlq": r.dlq or self.topics.dlq})
                 for r in self.routes]
 

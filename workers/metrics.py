@@ -151,6 +151,10 @@ class Metrics:
             "sluice_route_batch_seconds", "Scoring time per batch and route (every model of the deployment).",
             ["route"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.degraded = Gauge(
+            "sluice_route_degraded", "1 while a route serves its fallback model under pressure ([degrade]).",
+            ["route"], registry=r,
+        )
         self.shadow_compared = Counter(
             "sluice_shadow_compared", "Events scored by both a shadow model and the primary or canary.",
             ["route", "model", "version"], registry=r,

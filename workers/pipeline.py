@@ -144,6 +144,9 @@ MODEL_CHECK_TIMEOUT_S = 300.0
 MODEL_CHECK_EVENTS = 500
 # Lifecycle housekeeping (guard verdicts, retiring old pools) runs at most this often.
 LIFECYCLE_TICK_S = 1.0
+# Degradation judges the end-to-end p99 of the batches emitted in this last window: long enough
+# to hold several batches at any load, short enough that a drained backlog ends the pressure.
+PRESSURE_WINDOW_S = 2.0
 
 
 class Route:
@@ -160,6 +163,12 @@ class Route:
         self.refused: set[str] = set()          # deployment ids that failed to load or check
         self.guard_tripped: str | None = None   # the deployment whose canary this replica rolled back
         self.switched_at: float | None = None   # monotonic time the current deployment took over
+        # Graceful degradation (settings.degrade): a warm fallback pool and the state of the pressure.
+        self.fallback: tuple[Deployment, ScoringPool] | None = None
+        self.saved: tuple[Deployment, ScoringPool, dict] | None = None  # the deployment it stands in for
+        self.pressure_since: float | None = None
+        self.calm_since: float | None = None
+        self.recent_p99: deque[tuple[float, float]] = deque(maxlen=256)  # (emit time, batch p99 s)
 
 
 class StopWorker(Exception):
@@ -273,6 +282,8 @@ class Pipeline:
                 route = self.routes[rs.name] = Route(rs, dep, pool, self._specs(dep))
                 pool.start()
                 self._checked.add(dep.primary.sha256)
+                if rs.degrade.enabled:
+                    self._start_fallback(route)
                 for t in rs.input_topics:
                     self._route_of[t] = route
             if len(self.routes) == 1:
@@ -283,6 +294,8 @@ class Pipeline:
             # Leave no scoring process behind a start that failed (the CLI exits 2 or 75).
             for route in self.routes.values():
                 route.pool.shutdown(wait=True, cancel=True)
+                if route.fallback is not None:
+                    route.fallback[1].shutdown(wait=True, cancel=True)
             raise
         for route in self.routes.values():
             self._publish_deployment_metrics(route, None)
@@ -442,8 +455,67 @@ class Pipeline:
             return
         self.txn.add_record(topic, key, value)
 
+    def _start_fallback(self, route: Route) -> None:
+        """Load and warm the route's fallback at start, so degrading costs no load time."""
+        s, d = self.settings, route.settings.degrade
+        base = initial_deployment(s.kafka.group_id, route.name, d.fallback, d.fallback_backend or route.settings.model.backend,
+                                  route.settings.model.device)
+        dep = replace(base, id=f"{route.name}@degraded-{base.primary.sha256[:12]}", kind="degraded",
+                      reason="pressure fallback ([degrade])")
+        pool = ScoringPool(replace(self._scorer_config(route.settings, dep), degraded=True),
+                           processes=s.inference.processes, threads=s.inference.threads,
+                           log_level=s.logging.level, log_format=s.logging.format)
+        route.fallback = (dep, pool)
+        pool.start()
+
+    def _judge_pressure(self, route: Route, now: float) -> None:
+        """Degrade after `after_s` of pressure; recover after `recover_after_s` without (hysteresis)."""
+        d = route.settings.degrade
+        recent = [p for t, p in route.recent_p99 if now - t <= PRESSURE_WINDOW_S]
+        p99_ms = max(recent) * 1000.0 if recent else 0.0
+        pressure = bool((d.max_lag and self.stats.lag > d.max_lag) or (d.max_p99_ms and p99_ms > d.max_p99_ms))
+        if route.saved is None:
+            route.calm_since = None
+            if not pressure:
+                route.pressure_since = None
+                return
+            route.pressure_since = route.pressure_since or now
+            if now - route.pressure_since < d.after_s:
+                return
+            dep, pool = route.fallback
+            route.saved = (route.deployment, route.pool, route.specs)
+            route.deployment, route.pool, route.specs = dep, pool, self._specs(dep)
+            route.switched_at = now
+            self.metrics.degraded.labels(route.name).set(1)
+            self.metrics.deployment_events.labels(route.name, "degraded").inc()
+            log.warning("route degraded to its fallback", extra={
+                "route": route.name, "fallback": f"{dep.primary.name} {dep.primary.version}", "p99_ms": round(p99_ms, 1),
+                "lag": self.stats.lag, "pressure_for_s": round(now - route.pressure_since, 2)})
+            return
+        if pressure:
+            route.calm_since = None
+            return
+        route.calm_since = route.calm_since or now
+        if now - route.calm_since < d.recover_after_s:
+            return
+        route.deployment, route.pool, route.specs = route.saved
+        route.saved = None
+        route.pressure_since = None
+        route.switched_at = now
+        self.metrics.degraded.labels(route.name).set(0)
+        self.metrics.deployment_events.labels(route.name, "recovered").inc()
+        log.info("route recovered from its fallback", extra={"route": route.name, "deployment": route.deployment.id,
+                                                             "calm_for_s": round(now - route.calm_since, 2)})
+
     def _switch(self, route: Route, dep: Deployment, pool: ScoringPool) -> None:
         """New batches of the route go to ``pool`` from now on; the old pool retires when unused."""
+        if route.saved is not None:
+            # Degraded: the new deployment takes the place of the one the fallback stands in for.
+            self._retiring.append(route.saved[1])
+            route.saved = (dep, pool, self._specs(dep))
+            log.info("deployment loaded while degraded; it serves once the pressure has passed",
+                     extra={"route": route.name, "deployment": dep.id})
+            return
         old_dep, old_pool = route.deployment, route.pool
         route.deployment, route.pool, route.specs = dep, pool, self._specs(dep)
         route.switched_at = time.monotonic()
@@ -494,6 +566,8 @@ class Pipeline:
             return
         self._lifecycle_at = now
         for route in self.routes.values():
+            if route.fallback is not None:
+                self._judge_pressure(route, now)
             dep = route.deployment
             if route.guard is None or dep.canary is None or route.guard_tripped == dep.id:
                 continue
@@ -884,6 +958,8 @@ class Pipeline:
             latency = latency[np.isfinite(latency)]
             self.metrics.e2e_latency.observe_many(latency)
             self.stats.recent_latency.append(latency)
+            if route.fallback is not None and len(latency):
+                route.recent_p99.append((time.monotonic(), float(np.quantile(latency, 0.99))))
             if self.stats.latency_log is not None:
                 self.stats.latency_log.append((time.monotonic(), latency))
             self.stats.scored += n
@@ -1034,6 +1110,9 @@ class Pipeline:
         cannot hold up an abort or a revoke); answers still coming are thrown away."""
         for route in self.routes.values():
             route.pool.drop_all()
+            for other in (route.fallback, route.saved):
+                if other is not None and other[1] is not route.pool:
+                    other[1].drop_all()
         for pool in self._retiring:
             pool.drop_all()
         self._inflight.clear()
@@ -1170,6 +1249,11 @@ class Pipeline:
                 route.loader.abandon()
         for pool in self._retiring:
             pool.shutdown(wait=True, cancel=True)
+        for route in self.routes.values():
+            if route.fallback is not None and route.fallback[1] is not route.pool:
+                route.fallback[1].shutdown(wait=True, cancel=True)
+            if route.saved is not None:
+                route.saved[1].shutdown(wait=True, cancel=True)
         if self.consumer is not None:
             self.metrics.consumer_lag.clear()
             try:

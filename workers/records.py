@@ -74,7 +74,7 @@ class ScoreEncoder:
     """
 
     def __init__(self, model_name: str, model_version: str, threshold: float, *, sha256: str = "",
-                 role: str = "", deployment: str = "", worker: dict | None = None):
+                 role: str = "", deployment: str = "", worker: dict | None = None, degraded: bool = False):
         self.threshold = float(threshold)
         # Lineage (a live worker's records): the exact artifacts, the model's role, the
         # deployment and the worker; constant per encoder, so they cost one join piece.
@@ -88,6 +88,9 @@ class ScoreEncoder:
             model += b',"deployment":' + orjson.dumps(deployment)
         if worker:
             model += b',"worker":' + orjson.dumps(worker)
+        if degraded:
+            model += b',"degraded":true'
+
         self._head = b'{"event_id":"'
         self._score = b'","score":'
         # label + model + source's opening, one per label value

@@ -45,6 +45,7 @@ import numpy as np
 from workers.drift import DriftCounts, RefBins, count_batch, load_reference
 from workers.features import FeatureBatch, Featurizer, ModelSpec, Reject
 from workers.inference import create_backend
+from workers.profiling import stage
 from workers.records import ScoreEncoder
 
 
@@ -63,6 +64,7 @@ class ScorerConfig:
     deployment: str = ""
     sha256: str = ""
     worker: tuple[tuple[str, str], ...] = ()
+    degraded: bool = False   # a fallback serving under pressure: its records say `"degraded": true`
     # A live deployment's other models (each with its own lineage); fraction: the canary's share.
     canary: "ScorerConfig | None" = None
     fraction: float = 0.0
@@ -123,7 +125,8 @@ class BatchScorer:
         )
         self.backend.warmup(list(config.warmup_batch_sizes))
         self.encoder = ScoreEncoder(self.spec.name, self.spec.version, self.spec.threshold, sha256=config.sha256,
-                                    role=config.role, deployment=config.deployment, worker=dict(config.worker))
+                                    role=config.role, deployment=config.deployment, worker=dict(config.worker),
+                                    degraded=config.degraded)
         self.ref: RefBins | None = load_reference(self.spec) if config.drift else None
         self.canary = BatchScorer(config.canary) if config.canary is not None else None
         self.shadows = [BatchScorer(c) for c in config.shadow]
@@ -152,7 +155,8 @@ class BatchScorer:
         may come from another process) for the queue-wait figure.
         """
         start = time.monotonic()
-        fb = self.featurizer.featurize(values)
+        with stage("featurize"):
+            fb = self.featurizer.featurize(values)
         if self.canary is None:
             out = self._score_features(fb, values, topics, partitions, offsets, start, submitted_at)
         else:
@@ -198,7 +202,8 @@ class BatchScorer:
     def _score_features(self, fb: FeatureBatch, values, topics, partitions, offsets, start: float,
                         submitted_at: float | None) -> ScoredBatch:
         """Infer, count drift and encode the rows of a featurized batch."""
-        scores, failed, infer_s = self._infer(fb.matrix)
+        with stage("infer"):
+            scores, failed, infer_s = self._infer(fb.matrix)
 
         positions, event_ids, event_ts, raw = fb.positions, fb.event_ids, fb.event_ts, fb.raw
         rejects = fb.rejects
@@ -224,7 +229,9 @@ class BatchScorer:
             src_topics = topics if isinstance(topics, str) else [topics[i] for i in pos]
             src_partitions = [partitions[i] for i in pos]
             src_offsets = [offsets[i] for i in pos]
-        records = self.encoder.encode(event_ids, scores, src_topics, src_partitions, src_offsets, event_ts, time.time())
+        with stage("encode"):
+            records = self.encoder.encode(event_ids, scores, src_topics, src_partitions, src_offsets, event_ts,
+                                          time.time())
         role = self.config.role or "primary"
         return ScoredBatch(
             records, positions, rejects, event_ts, drift,
