@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 # Every worker process a test started; the integration conftest kills what is left after each
@@ -104,6 +106,26 @@ class WorkerProc:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metrics_port(self, timeout: float = 60.0) -> int:
+        """The latest incarnation's metrics port (SLUICE_METRICS__PORT=0: from its start log line)."""
+        def port() -> int | None:
+            for line in self.log_path.read_bytes()[self._log_from:].splitlines():
+                if b'"metrics server listening"' in line:
+                    return int(orjson.loads(line)["port"])
+            return None
+
+        wait_until(lambda: port() is not None or not self.alive(), timeout, what="the metrics server")
+        found = port()
+        assert found is not None, "the worker exited before its metrics server listened:\n" + self.log()[-3000:]
+        return found
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` (e.g. ``sluice_transactions_aborted_total``) whose
+        labels include ``labels``, read from the live worker's /metrics; 0 if none."""
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port()}/metrics", timeout=5).read().decode()
+        return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def read_all(bootstrap: str, topic: str, min_count: int = 0, timeout: float = 60.0, idle: float = 2.0) -> list:

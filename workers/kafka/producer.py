@@ -15,10 +15,16 @@ has an unknown outcome (:class:`IndefiniteOutcome`): the producer must not be us
 because a delayed EndTxn could land on a later transaction of the same epoch (Jepsen's
 2024 analysis of Kafka transactions); the caller continues with a new producer, whose
 init_transactions bumps the epoch and settles the old transaction on the coordinator.
+
+Test-only fault injection: ``SLUICE_TEST_FAULTS`` (see :class:`FaultPlan`) makes chosen
+produce, commit or abort calls fail the way librdkafka fails them, through the same
+classification and recovery paths, so the integration tests drive the worker's abort and
+renewal paths against a real broker without a mock of Kafka. Unset, it costs nothing.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -27,7 +33,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from workers.exit_codes import NotAuthorized
+from workers.exit_codes import ConfigError, NotAuthorized
 from workers.kafka.admin import is_authorization_error
 
 # init_transactions waits for the broker to abort a previous incarnation's
@@ -70,6 +76,90 @@ class IndefiniteOutcome(RuntimeError):
 class TransactionStuck(RuntimeError):
     """A transactional call did not return within its deadline plus STUCK_GRACE_S; it cannot be
     cancelled, so the process must exit (75) and let its supervisor restart it."""
+
+
+# --------------------------------------------------------------- test-only fault injection
+
+#: Environment variable of the fault plan. Test-only: never set it in production.
+FAULTS_ENV = "SLUICE_TEST_FAULTS"
+#: What each call may be made to do (see FaultPlan).
+FAULT_KINDS: dict[str, tuple[str, ...]] = {
+    "produce": ("abortable",),
+    "commit": ("abortable", "indefinite", "indefinite-committed"),
+    "abort": ("indefinite",),
+}
+
+
+class FaultPlan:
+    """Which produce / commit / abort calls of this process fail, and how (test-only).
+
+    Parsed from ``SLUICE_TEST_FAULTS``: comma-separated ``CALL:KIND@N`` entries, N counted
+    from 1 over every producer of the process (a renewed producer does not start again):
+
+    - ``produce:abortable@N``: the Nth record produced fails with an abortable error; the
+      transaction stays failed (every produce and commit raises it) until it is aborted, as
+      in librdkafka.
+    - ``commit:abortable@N``: the Nth commit's ``commit_transaction`` fails with an abortable
+      error (its offsets were sent).
+    - ``commit:indefinite@N``: the Nth commit times out without reaching the broker: an
+      unknown outcome, the transaction left open for the next epoch to abort.
+    - ``commit:indefinite-committed@N``: the Nth commit lands but its answer is lost: an
+      unknown outcome although the transaction committed.
+    - ``abort:indefinite@N``: the Nth abort times out without reaching the broker.
+    """
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self._at: dict[str, dict[int, str]] = {call: {} for call in FAULT_KINDS}
+        self._count: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
+        self._lock = threading.Lock()  # abort may run on a revoke callback's thread
+        for entry in (e.strip() for e in spec.split(",")):
+            if not entry:
+                continue
+            call, _, rest = entry.partition(":")
+            kind, _, n = rest.partition("@")
+            if call not in FAULT_KINDS or kind not in FAULT_KINDS[call] or not n.isdigit() or int(n) < 1:
+                allowed = ", ".join(f"{c}:{k}@N" for c, kinds in FAULT_KINDS.items() for k in kinds)
+                raise ConfigError(f"{FAULTS_ENV}: cannot read {entry!r}; write comma-separated {allowed} "
+                                  "(N >= 1), or unset it (test-only)")
+            self._at[call][int(n)] = kind
+
+    def __bool__(self) -> bool:
+        return any(self._at.values())
+
+    def has(self, call: str) -> bool:
+        """Whether any fault is planned for ``call``."""
+        return bool(self._at[call])
+
+    def next(self, call: str) -> str | None:
+        """Count one ``call``; the fault kind planned for this one, or None."""
+        with self._lock:
+            self._count[call] += 1
+            return self._at[call].get(self._count[call])
+
+    def count(self, call: str) -> int:
+        """How many ``call`` calls were counted so far."""
+        return self._count[call]
+
+
+_PROCESS_FAULTS: FaultPlan | None = None
+
+
+def process_faults() -> FaultPlan | None:
+    """The process's fault plan from ``SLUICE_TEST_FAULTS`` (parsed once), or None when unset."""
+    global _PROCESS_FAULTS
+    spec = os.environ.get(FAULTS_ENV, "").strip()
+    if not spec:
+        return None
+    if _PROCESS_FAULTS is None or _PROCESS_FAULTS.spec != spec:
+        _PROCESS_FAULTS = FaultPlan(spec)
+    return _PROCESS_FAULTS
+
+
+def _injected(call: str, n: int, *, requires_abort: bool = False, retriable: bool = False) -> KafkaException:
+    """The librdkafka error an injected fault raises (a request that timed out)."""
+    return KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{call} #{n} failed, injected by {FAULTS_ENV}",
+                                     retriable=retriable, txn_requires_abort=requires_abort))
 
 
 class _CallThread:
@@ -167,7 +257,8 @@ class _AuthorizationWatch:
 class TransactionalProducer:
     """Wraps a transactional confluent-kafka Producer with the worker's error handling."""
 
-    def __init__(self, conf: dict[str, Any]):
+    def __init__(self, conf: dict[str, Any], faults: FaultPlan | None = None):
+        """``faults``: a test-only fault plan; by default the process's (``SLUICE_TEST_FAULTS``)."""
         self._authz = _AuthorizationWatch(conf.get("logger"))
         conf = {**conf, "logger": self._authz}
         conf.setdefault("error_cb", self._authz.error_cb)
@@ -181,6 +272,21 @@ class TransactionalProducer:
         # Set with IndefiniteOutcome: the caller must replace this producer (a fresh epoch).
         self.outcome_unknown = False
         self.produce_call = self._producer.produce  # bound once: the hot path calls it per record
+        self._faults = faults if faults is not None else process_faults()
+        # The injected error that failed the open transaction (librdkafka's abortable state):
+        # every produce and commit raises it again until the transaction is aborted.
+        self._injected_failure: KafkaException | None = None
+        if self._faults is not None and self._faults:
+            self.produce_call = self._produce_with_faults
+
+    def _produce_with_faults(self, topic: str, value: bytes | None, key: bytes | None = None, **kw: Any) -> None:
+        """produce_call under a fault plan: raises as librdkafka does for a failed transaction."""
+        if self._injected_failure is None and self._faults.has("produce"):
+            if self._faults.next("produce") is not None:
+                self._injected_failure = _injected("produce", self._faults.count("produce"), requires_abort=True)
+        if self._injected_failure is not None:
+            raise self._injected_failure
+        self._producer.produce(topic, value, key, **kw)
 
     def _error(self, exc: KafkaException, during: str) -> Exception:
         try:
@@ -263,33 +369,54 @@ class TransactionalProducer:
         self._check_usable()
         if not self.in_transaction:
             self.begin()
+        fault = self._faults.next("commit") if self._faults is not None and self._faults.has("commit") else None
         deadline = time.monotonic() + timeout
         sent = not offsets
         while True:
             left = max(0.1, deadline - time.monotonic())
             try:
+                if self._injected_failure is not None:
+                    raise self._injected_failure
                 if not sent:
                     self._calls.call("send_offsets_to_transaction", left, self._producer.send_offsets_to_transaction,
                                      list(offsets), group_metadata, left)
                     sent = True
+                if fault is not None:
+                    self._commit_fault(fault, left)
                 self._calls.call("commit_transaction", left, self._producer.commit_transaction, left)
                 self.in_transaction = False
                 self._authz.failure = None  # a transient one (e.g. during an ACL change) is over
                 return
             except KafkaException as exc:
                 if classify(exc) is RetriableError:
-                    if time.monotonic() < deadline:
+                    if time.monotonic() < deadline and fault is None:
                         continue
-                    self.failed = f"commit timed out: {exc.args[0].str()}"
-                    self.outcome_unknown = True
-                    raise IndefiniteOutcome(f"commit did not complete within {timeout:.0f}s: "
-                                            f"{exc.args[0].str()}") from exc
+                    raise self._unknown_outcome("commit", timeout, exc) from exc
                 raise self._error(exc, "commit") from exc
+
+    def _commit_fault(self, fault: str, left: float) -> None:
+        """Raise the injected fault in place of (or, indefinite-committed, after) commit_transaction."""
+        n = self._faults.count("commit")
+        if fault == "abortable":
+            self._injected_failure = _injected("commit", n, requires_abort=True)
+            raise self._injected_failure
+        if fault == "indefinite-committed":
+            self._calls.call("commit_transaction", left, self._producer.commit_transaction, left)
+        raise _injected("commit", n, retriable=True)  # as a commit whose deadline passed
+
+    def _unknown_outcome(self, during: str, timeout: float, exc: KafkaException) -> IndefiniteOutcome:
+        """Mark this producer unusable after a commit or abort of unknown outcome (see IndefiniteOutcome)."""
+        self.failed = f"{during} did not complete: {exc.args[0].str()}"
+        self.outcome_unknown = True
+        return IndefiniteOutcome(f"{during} did not complete within {timeout:.0f}s: {exc.args[0].str()}")
 
     def abort(self, timeout: float = COMMIT_TIMEOUT_S) -> None:
         if not self.in_transaction:
             return
         self._check_usable()
+        if self._faults is not None and self._faults.has("abort") and self._faults.next("abort") is not None:
+            exc = _injected("abort", self._faults.count("abort"), retriable=True)
+            raise self._unknown_outcome("abort", timeout, exc) from exc
         deadline = time.monotonic() + timeout
         while True:
             left = max(0.1, deadline - time.monotonic())
@@ -297,15 +424,13 @@ class TransactionalProducer:
                 self._calls.call("abort_transaction", left, self._producer.abort_transaction, left)
                 self.in_transaction = False
                 self._authz.failure = None
+                self._injected_failure = None
                 return
             except KafkaException as exc:
                 if classify(exc) is FatalProducerError:
                     raise self._error(exc, "abort") from exc
                 if time.monotonic() >= deadline:
-                    self.failed = f"abort did not complete: {exc.args[0].str()}"
-                    self.outcome_unknown = True
-                    raise IndefiniteOutcome(f"abort did not complete within {timeout:.0f}s: "
-                                            f"{exc.args[0].str()}") from exc
+                    raise self._unknown_outcome("abort", timeout, exc) from exc
                 time.sleep(ABORT_RETRY_BACKOFF_S)
 
     def flush(self, timeout: float = 10.0) -> int:
