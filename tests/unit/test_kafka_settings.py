@@ -9,7 +9,7 @@ import pytest
 import trustme
 
 from workers.config import ConfigError, load_settings
-from workers.kafka.settings import admin_config, aiokafka_security
+from workers.kafka.settings import admin_config, aiokafka_security, buffer_sizes, consumer_config, producer_config
 
 
 def _settings(client: dict):
@@ -77,3 +77,45 @@ def test_ssl_without_hostname_check_when_librdkafka_would_not_check_it(tmp_path)
 def test_what_the_aggregator_cannot_honour_fails_naming_it(client, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         aiokafka_security(_settings(client))
+
+
+# ------------------------------------------------------------------ buffer sizes (memory bound)
+
+def _sized(batching: dict | None = None, topics: dict | None = None, **kafka):
+    return load_settings(None, environ={}, kafka={"bootstrap_servers": "k:9093", "input_topics": ["in"], **kafka},
+                         batching=batching or {}, topics=topics or {})
+
+
+def test_every_librdkafka_buffer_follows_the_batch_settings():
+    small, large = buffer_sizes(_sized({"max_batch_size": 256})), buffer_sizes(_sized({"max_batch_size": 4096}))
+    assert small.prefetch_messages == 512 and large.prefetch_messages == 8192
+    assert small.partition_fetch_bytes < large.partition_fetch_bytes
+    assert small.fetch_max_bytes < large.fetch_max_bytes
+    assert small.producer_queue_messages < large.producer_queue_messages
+    c, p = consumer_config(_sized({"max_batch_size": 256})), producer_config(_sized({"max_batch_size": 256}))
+    assert (c["queued.min.messages"], c["max.partition.fetch.bytes"], c["fetch.max.bytes"]) == (512, 512 * 1024, 1024 * 1024)
+    assert (p["queue.buffering.max.messages"], p["queue.buffering.max.kbytes"]) == (10_000, 32 * 1024)
+
+
+def test_the_operators_byte_bounds_cap_the_derived_sizes():
+    sizes = buffer_sizes(_sized({"max_batch_size": 65536, "max_inflight_batches": 64},
+                                fetch_max_bytes=2 * 1024 * 1024, queued_max_messages_kbytes=4096))
+    assert sizes.fetch_max_bytes == sizes.partition_fetch_bytes == 2 * 1024 * 1024
+    assert sizes.prefetch_kbytes == 4096 and sizes.producer_queue_kbytes == 4096
+
+
+def test_the_largest_record_always_fits_the_producer():
+    sizes = buffer_sizes(_sized(topics={"dlq_max_value_bytes": 5_000_000},
+                                fetch_max_bytes=1024 * 1024, queued_max_messages_kbytes=1024))
+    # a dead letter of dlq_max_value_bytes plus its headers
+    assert sizes.message_max_bytes >= 5_000_000 + 64 * 1024
+    assert sizes.producer_queue_kbytes * 1024 >= sizes.message_max_bytes
+
+
+def test_a_small_fetch_bound_is_accepted_by_librdkafka():
+    from confluent_kafka import Consumer
+
+    conf = consumer_config(_sized(fetch_max_bytes=4096))
+    conf.pop("logger")
+    assert conf["fetch.max.bytes"] == 4096
+    Consumer(conf).close()  # librdkafka refuses fetch.max.bytes < message.max.bytes

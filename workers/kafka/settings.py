@@ -3,16 +3,96 @@
 Each non-default setting carries a comment saying why. The pass-through table
 ``[kafka] client`` (security.protocol, sasl.*, ssl.*, ...) is applied to every
 client, then the settings exactly-once depends on are applied on top.
+
+Memory: every librdkafka buffer of the worker is sized from its settings
+(:func:`buffer_sizes`), so peak RSS is a function of the configuration (and of the
+partitions assigned), not of lag or backlog. librdkafka's own defaults (a fetch of up to
+50 MiB, 100k messages prefetched per partition, a producer queue of 100k messages / 1 GiB)
+made a worker grow by ~140 MiB once a backlog was deep enough to fill them
+(tests/integration/test_worker_memory.py measures it).
 """
 
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from workers.config import ConfigError, Settings
 from workers.logs import kafka_logger
+
+
+# ------------------------------------------------------------------------ buffer sizes
+
+#: Bytes an input event is budgeted when fetch sizes are derived from batch sizes. Security
+#: telemetry events are 0.3-1 KiB of JSON; a larger event costs more fetches, never a stall
+#: (a broker always returns at least one record batch, whatever the fetch limits).
+EVENT_FETCH_BYTES = 1024
+#: Full batches per partition that librdkafka keeps prefetched (queued.min.messages): the next
+#: batch can close from memory while the fetch after it is on the wire.
+PREFETCH_BATCHES = 2
+#: Smallest per-partition fetch: below this, request overheads dominate at small batch sizes.
+MIN_PARTITION_FETCH_BYTES = 64 * 1024
+#: librdkafka's default message.max.bytes; a consumer's fetch.max.bytes may not be below its
+#: message.max.bytes, so this is the smallest fetch.max.bytes unless [kafka] fetch_max_bytes is.
+LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
+#: Full batches of outputs the producer queue holds (records emitted, not yet acknowledged).
+#: A full queue throttles emission (the producer wrapper serves delivery reports and retries;
+#: nothing is dropped), so the queue need only keep produce requests flowing.
+PRODUCER_QUEUE_BATCHES = 16
+#: Records per produce request (batch.num.messages), and so the smallest producer queue: a full
+#: request must fit in the queue.
+PRODUCER_BATCH_MESSAGES = 10_000
+#: Room for a dead letter's headers (reason, detail, source, the original headers) above its
+#: value and key, which are cut to [topics] dlq_max_value_bytes.
+DLQ_HEADERS_ALLOWANCE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class BufferSizes:
+    """librdkafka's buffer limits for one worker process, derived from its settings."""
+
+    fetch_max_bytes: int              # one fetch response, all partitions
+    partition_fetch_bytes: int        # one partition's share of a fetch response
+    prefetch_messages: int            # queued.min.messages: per assigned partition
+    prefetch_kbytes: int              # queued.max.messages.kbytes: the whole prefetch queue
+    producer_queue_messages: int
+    producer_queue_kbytes: int
+    message_max_bytes: int            # the largest record the producer may send
+
+    def as_dict(self) -> dict[str, int]:
+        """The sizes by name (for logs and ``sluice check-config``)."""
+        return asdict(self)
+
+
+def buffer_sizes(settings: Settings) -> BufferSizes:
+    """Every librdkafka buffer limit of the worker, as a function of its settings.
+
+    Prefetch is sized in events from the batch settings ([batching] max_batch_size,
+    max_inflight_batches) and capped in bytes by [kafka] fetch_max_bytes and
+    queued_max_messages_kbytes; the producer queue holds a bounded number of batches of outputs
+    and at most as many bytes as the prefetch budget, but always one record of the largest size
+    the worker may produce (a dead letter of [topics] dlq_max_value_bytes, a record as large as
+    the largest fetch).
+    """
+    k, b = settings.kafka, settings.batching
+    # Fetch what the in-flight batches need, within the operator's upper bound.
+    fetch = min(k.fetch_max_bytes, max(LIBRDKAFKA_MESSAGE_MAX_BYTES,
+                                       b.max_inflight_batches * b.max_batch_size * EVENT_FETCH_BYTES))
+    partition_fetch = min(fetch, max(MIN_PARTITION_FETCH_BYTES, PREFETCH_BATCHES * b.max_batch_size * EVENT_FETCH_BYTES))
+    # Outputs are as large as inputs; a dead letter carries its input's value (cut to the limit).
+    message_max = max(LIBRDKAFKA_MESSAGE_MAX_BYTES, k.fetch_max_bytes,
+                      settings.topics.dlq_max_value_bytes + DLQ_HEADERS_ALLOWANCE)
+    return BufferSizes(
+        fetch_max_bytes=fetch,
+        partition_fetch_bytes=partition_fetch,
+        prefetch_messages=PREFETCH_BATCHES * b.max_batch_size,
+        prefetch_kbytes=k.queued_max_messages_kbytes,
+        producer_queue_messages=max(PRODUCER_BATCH_MESSAGES, PRODUCER_QUEUE_BATCHES * b.max_batch_size),
+        # the prefetch budget again (outputs mirror inputs), and never less than one largest record
+        producer_queue_kbytes=max(k.queued_max_messages_kbytes, -(-message_max // 1024)),
+        message_max_bytes=message_max,
+    )
 
 
 def common(settings: Settings) -> dict[str, Any]:
@@ -29,6 +109,7 @@ def common(settings: Settings) -> dict[str, Any]:
 def consumer_config(settings: Settings) -> dict[str, Any]:
     """The transactional worker's consumer: read_committed, no auto commit, static membership."""
     k = settings.kafka
+    sizes = buffer_sizes(settings)
     conf = common(settings)
     conf.update(
         {
@@ -48,10 +129,14 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
             "session.timeout.ms": k.session_timeout_ms,
             "heartbeat.interval.ms": max(100, k.session_timeout_ms // 5),
             "max.poll.interval.ms": k.max_poll_interval_ms,
-            # Bound prefetch so memory is a function of configuration, not of lag.
-            "fetch.max.bytes": k.fetch_max_bytes,
-            "queued.max.messages.kbytes": k.queued_max_messages_kbytes,
-            "max.partition.fetch.bytes": min(k.fetch_max_bytes, 4 * 1024 * 1024),
+            # Bound prefetch so memory is a function of configuration, not of lag (buffer_sizes).
+            "fetch.max.bytes": sizes.fetch_max_bytes,
+            "max.partition.fetch.bytes": sizes.partition_fetch_bytes,
+            "queued.min.messages": sizes.prefetch_messages,
+            "queued.max.messages.kbytes": sizes.prefetch_kbytes,
+            # A consumer's fetch.max.bytes may not be below its message.max.bytes (a request
+            # size limit that matters only to producers): never refuse a small fetch bound.
+            "message.max.bytes": min(LIBRDKAFKA_MESSAGE_MAX_BYTES, sizes.fetch_max_bytes),
             # Once the prefetch queue is full librdkafka stops fetching for this long (default
             # 1000 ms); a worker that drains the queue faster then sits idle (measured: runs of
             # 200k events took 3-5 s instead of 1.4 s). Short backoff, same memory bound.
@@ -68,6 +153,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 def producer_config(settings: Settings) -> dict[str, Any]:
     """The worker's transactional producer (transactional.id derived from the replica id)."""
     k = settings.kafka
+    sizes = buffer_sizes(settings)
     conf = common(settings)
     conf.update(
         {
@@ -78,13 +164,13 @@ def producer_config(settings: Settings) -> dict[str, Any]:
             "acks": "all",
             # Batch outputs: a transaction's records travel in few large requests.
             "linger.ms": 5,
-            "batch.num.messages": 10_000,
-            # Bound the producer queue; a full queue raises BufferError and the worker
-            # serves delivery reports and retries, never drops.
-            "queue.buffering.max.messages": 200_000,
-            "queue.buffering.max.kbytes": 256 * 1024,
+            "batch.num.messages": PRODUCER_BATCH_MESSAGES,
+            # Bound the producer queue from the settings (buffer_sizes); a full queue raises
+            # BufferError and the worker serves delivery reports and retries, never drops.
+            "queue.buffering.max.messages": sizes.producer_queue_messages,
+            "queue.buffering.max.kbytes": sizes.producer_queue_kbytes,
             # Outputs are as large as inputs; dead letters carry the original value.
-            "message.max.bytes": max(1_000_000, k.fetch_max_bytes),
+            "message.max.bytes": sizes.message_max_bytes,
             "compression.type": "lz4",
         }
     )
