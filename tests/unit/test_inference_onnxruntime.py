@@ -63,8 +63,24 @@ def test_infer_matches_single_rows_and_accepts_float64_views(backend, spec):
         backend.infer(np.zeros((2, spec.n_columns + 1), np.float32))
 
 
-def test_warmup_runs_each_size(backend):
-    backend.warmup([1, 64, 512])
+def test_warmup_runs_each_size_once(backend, spec, monkeypatch):
+    """Warm-up runs the session once per distinct positive batch size as it will be run (rows
+    padded to the backend's row multiple), smallest first, with the model's input width."""
+    session = getattr(backend, "inner", backend)  # create_backend pads rows (PaddedRows)
+    multiple = getattr(backend, "multiple", 1)
+    shapes: list[tuple[int, ...]] = []
+    run = session._run
+
+    def recording_run(outputs, feeds):
+        (x,) = feeds.values()
+        shapes.append(x.shape)
+        return run(outputs, feeds)
+
+    monkeypatch.setattr(session, "_run", recording_run)
+    backend.warmup([512, 1, 64, 64, 0])
+    padded = sorted({-(-n // multiple) * multiple for n in (1, 64, 512)})
+    assert shapes == [(n, spec.n_columns) for n in padded]
+    assert len(shapes) >= 2  # a row multiple of 512 or more would make this test meaningless
 
 
 def test_concurrent_infer_is_thread_safe(backend, spec):
