@@ -6,8 +6,12 @@
     sluice bench ...                    worker vs. pass-through ceiling, one run
     sluice check-config --config FILE   validate and print the effective config
     sluice models list|check            the models and their consistency (artifacts, schema, ONNX vs torch)
+    sluice models quantize --model M    an FP16 / INT8 variant of a model with its quality report
+    sluice models deploy|rollback|status|compare --config FILE
+                                        live deployments per route (primary, canary, shadow) and their agreement
     sluice score --model M --input F    offline scoring of JSON lines (backtests, replays)
-    sluice bench-inference --model M    rows/s and latency per batch size of one backend
+    sluice bench-inference --model M    rows/s and latency per batch size of one backend (--sweep: all, with quality)
+    sluice plan --rate EPS --p99-ms MS  replicas, partitions, cores/GPUs and cost from measurements
 """
 
 from __future__ import annotations
@@ -110,6 +114,17 @@ def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "profile", None) is None:
+        return _run_worker(args)
+    from workers.profiling import profiled
+
+    # Around the whole run, model loading included; the scoring processes profile themselves
+    # (SLUICE_PROFILE_DIR, set by profiled() before the pool spawns them). README "Profiling".
+    with profiled(args.profile):
+        return _run_worker(args)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
     # main() installed handlers that record signals while the modules below load; from here on
     # a signal also stops the pipeline once it exists.
     signals: list[int] = _EARLY_SIGNALS
@@ -129,6 +144,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     logs.setup(settings.logging.level, settings.logging.format)
+    if settings.inference.processes == 0:  # scoring threads run in this process: NVTX ranges here on CUDA
+        from workers.profiling import enable_nvtx
+
+        for device in [settings.model.device, *(r.model.device for r in settings.routes)]:
+            enable_nvtx(device)
     if signals:
         log.info("stopped before starting", extra={"signal": signal.Signals(signals[0]).name,
                                                    "exit_code": int(ExitCode.OK)})
@@ -271,6 +291,8 @@ def _cmd_drift_aggregator(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from workers.models import check_model, describe_model, discover
 
+    if args.models_command == "quantize":
+        return _cmd_models_quantize(args)
     if args.models_command == "list":
         try:
             models = [describe_model(p) for p in discover(args.root)]
@@ -281,8 +303,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(json.dumps(models, indent=1))
         else:
             for m in models:
-                print(f"{m['name']:<20} {m['version']:<8} kind={m['event_kind']:<6} {m['path']:<28} "
-                      f"backends={','.join(f'{b}:{d}' for b, ds in m['devices'].items() for d in ds)}")
+                v = m.get("variant")
+                print(f"{m['name']:<20} {m['version']:<10} kind={m['event_kind']:<6} {m['path']:<28} "
+                      f"backends={','.join(f'{b}:{d}' for b, ds in m['devices'].items() for d in ds)}"
+                      + (f" variant={v['precision']} ({v['method']}) of {v['parent']}" if v else ""))
         return ExitCode.OK
     report = check_model(args.path, events=args.events)
     if args.json:
@@ -292,6 +316,46 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"{i['status']:<4}  {i['check']}: {i['detail']}")
         print(f"models check: {'ok' if report.ok else 'FAILED'} ({args.path})")
     return ExitCode.OK if report.ok else ExitCode.FAILURE
+
+
+def _cmd_models_quantize(args: argparse.Namespace) -> int:
+    from workers.variants import VariantError, quantize  # workers/variants.py
+
+    try:
+        tolerance = {}
+        for item in args.tolerance or []:
+            key, sep, value = item.partition("=")
+            try:
+                tolerance[key.strip()] = float(value)
+            except ValueError:
+                raise VariantError(f"--tolerance {item!r}: expected KEY=NUMBER, e.g. flip_rate=0.01") from None
+        res = quantize(args.model, args.precision, args.out, method=args.method,
+                       calibration_events=args.calibration_events, calibration_seed=args.calibration_seed,
+                       heldout_events=args.heldout_events, heldout_seed=args.heldout_seed,
+                       per_channel=not args.per_tensor, exclude=args.exclude or (), tolerance=tolerance,
+                       force=args.force, keep_failing=args.keep_failing)
+    except VariantError as exc:
+        print(f"sluice models quantize: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    q = res.quality
+    if args.json:
+        print(json.dumps(dict(q, path=str(res.path), written=res.written, violations=res.violations), indent=1))
+    else:
+        print(f"{q['model']} {q['variant']['version']} ({q['variant']['method']}): AUC {q['auc']['parent']:.5f} -> "
+              f"{q['auc']['variant']:.5f}, flip_rate {q['flip_rate']:.4%}, max |diff| {q['max_abs_diff']:.3g}, "
+              f"p99 |diff| {q['p99_abs_diff']:.3g} on {q['events']} held-out events (seed {q['heldout']['seed']})")
+        for kind, r in q["recall_by_attack"].items():
+            print(f"  recall {kind:<20} {r['parent']} -> {r['variant']} ({r['events']} events)")
+    if res.violations:
+        print(f"sluice models quantize: outside the tolerance: {'; '.join(res.violations)}; "
+              + (f"kept in {res.path} (--keep-failing)" if res.written else
+                 "nothing written (loosen with --tolerance KEY=VALUE, or --keep-failing to inspect it)"),
+              file=sys.stderr)
+        return ExitCode.FAILURE
+    if not args.json:
+        print(f"wrote {res.path}: {', '.join(sorted(p.name for p in res.path.iterdir()))}; "
+              f"check it with: sluice models check {res.path}")
+    return ExitCode.OK
 
 
 def _load_backend(args: argparse.Namespace):
@@ -340,9 +404,21 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_inference(args: argparse.Namespace) -> int:
-    from workers.inference.bench import run_cli  # per backend and precision: workers/inference/bench.py
+    from workers.inference.bench import run_cli, run_sweep_cli  # workers/inference/bench.py
 
-    return run_cli(args)
+    if not args.sweep:
+        for flag, given in (("--variants", args.variants), ("--plot", args.plot)):
+            if given:
+                print(f"sluice bench-inference: {flag} belongs to the sweep; add --sweep", file=sys.stderr)
+                return ExitCode.CONFIG
+        return run_cli(args)
+    return run_sweep_cli(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from workers.plan import run_cli as run_plan  # the capacity and cost planner: workers/plan.py
+
+    return run_plan(args)
 
 # Choices, spelled out here so that `sluice --help` and argument checking import nothing heavy;
 # tests/unit/test_cli_parser.py checks them against workers.telemetry.KINDS and the backend registry.
@@ -400,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the worker")
     r.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML config file (SLUICE_<SECTION>__<KEY> overrides; default: environment and defaults only)")
+    r.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="write sampling profiles of the worker and of each scoring process (and a torch trace with "
+                        "backend torch) into DIR when it stops (needs the profile extra; README 'Profiling')")
     r.set_defaults(func=_cmd_run, takes_signals=True)
 
     c = sub.add_parser("check-config", help="validate and print the effective config")
@@ -445,15 +524,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=_positive_int, default=2,
                    help="rounds of ceiling, worker with drift on, worker with drift off; best of each")
     b.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
+    b.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="profile the bench process and every scoring process into DIR, as `sluice run --profile`")
     b.set_defaults(func=_cmd_bench)
 
     da = sub.add_parser("drift-aggregator", help="merge drift deltas of all replicas into windowed PSI reports (faust)")
     da.add_argument("--config", type=Path, metavar="FILE",
                     help="TOML config file with [drift] (SLUICE_<SECTION>__<KEY> overrides)")
+    da.add_argument("--data-dir", type=Path, metavar="DIR", default=None,
+                    help="faust's local data directory (default: $XDG_STATE_HOME/sluice/drift-aggregator/<group id>, "
+                         "else the same under the system temp dir); nothing in it must survive a restart")
     da.set_defaults(func=_cmd_drift_aggregator)
 
-    m = sub.add_parser("models", help="list the models or check one (artifacts, schema, ONNX vs torch)")
-    msub = m.add_subparsers(dest="models_command", required=True, metavar="list|check")
+    m = sub.add_parser("models", help="list the models, check one (artifacts, schema, ONNX vs torch), quantize one; "
+                                      "deploy, roll back, compare them live (status)")
+    msub = m.add_subparsers(dest="models_command", required=True,
+                            metavar="list|check|quantize|deploy|rollback|status|compare")
     ml = msub.add_parser("list", help="the models under models/, with the backends usable here")
     ml.add_argument("--json", action="store_true", help="a JSON array, one object per model")
     ml.add_argument("--root", type=Path, default=None, help="a folder of model folders (default: the repository's models/)")
@@ -463,6 +549,35 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--events", type=_positive_int, default=4000, help="generated events to check with")
     mc.add_argument("--json", action="store_true", help="the checks as one JSON object")
     mc.set_defaults(func=_cmd_models)
+    mq = msub.add_parser("quantize", help="an FP16 or INT8 variant of a model, with its quality against the parent")
+    mq.add_argument("--model", type=Path, required=True, help="the FP32 parent: a models/<name> folder")
+    mq.add_argument("--precision", choices=("fp16", "int8"), required=True,
+                    help="fp16: graph converted to float16; int8: ONNX Runtime quantization")
+    mq.add_argument("--out", type=Path, required=True, metavar="DIR", help="the variant's folder (new, or --force)")
+    mq.add_argument("--method", choices=("auto", "static", "dynamic"), default="auto",
+                    help="int8 only: static (calibrated on telemetry), dynamic (no calibration; scores depend on "
+                         "the batch); auto = static where telemetry generates the model's event kind")
+    # defaults as workers/variants.py (CALIBRATION_*, HELDOUT_*; test_quantize checks), not imported: --help stays light
+    mq.add_argument("--calibration-events", type=_positive_int, default=4000, help="int8 static: calibration events")
+    mq.add_argument("--calibration-seed", type=int, default=90001, help="telemetry seed of the calibration sample")
+    mq.add_argument("--heldout-events", type=_positive_int, default=20000,
+                    help="labelled events the quality report is measured on")
+    mq.add_argument("--heldout-seed", type=int, default=90002, help="telemetry seed of the held-out set")
+    mq.add_argument("--per-tensor", action="store_true", help="int8: one weight scale per tensor (default per channel)")
+    mq.add_argument("--exclude", action="append", default=None, metavar="NODE",
+                    help="int8: keep this graph node in float (repeat); e.g. the first and last layers")
+    mq.add_argument("--tolerance", action="append", default=None, metavar="KEY=VALUE",
+                    help="override a default tolerance against the parent: max_abs_diff, p99_abs_diff, flip_rate, "
+                         "auc_drop (repeat)")
+    mq.add_argument("--force", action="store_true", help="replace a variant already in --out")
+    mq.add_argument("--keep-failing", action="store_true",
+                    help="write the variant even when it is outside its tolerance (exit status 1 all the same)")
+    mq.add_argument("--json", action="store_true", help="the quality report as one JSON object")
+    mq.set_defaults(func=_cmd_models)
+    # The live model lifecycle (workers/models_cli.py; light at import, like this module).
+    from workers.models_cli import add_parsers as add_lifecycle_parsers
+
+    add_lifecycle_parsers(msub, backend_type=_backend, device_type=_device)
 
     def backend_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--model", type=Path, required=True, help="a models/<name> folder")
@@ -488,7 +603,32 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--json", action="store_true", help="the results as one JSON object")
     bi.add_argument("--backends", default=None, metavar="B,B,...", help="several backends, comma-separated (instead of --backend)")
     bi.add_argument("--precision", default="fp32", metavar="P,P,...", help="fp32, fp16 (TensorRT), tf32 (GPU); comma-separated")
+    bi.add_argument("--sweep", action="store_true",
+                    help="every usable backend x precision (the model, its variants, GPU engine switches) x batch "
+                         "size, with each precision's quality delta")
+    bi.add_argument("--variants", nargs="+", type=Path, default=None, metavar="DIR",
+                    help="with --sweep: variant folders (sluice models quantize --out), or folders holding them; "
+                         "variants naming --model as parent under models/ and beside --model are found anyway")
+    bi.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                    help="with --sweep: write throughput against quality delta, p99 as marker size "
+                         "(pip install 'sluice[plot]')")
+    bi.add_argument("--plot-quality", choices=("auc_delta", "flip_rate"), default="auc_delta",
+                    help="the plot's quality axis (default auc_delta: parent AUC - variant AUC)")
     bi.set_defaults(func=_cmd_bench_inference)
+
+    pl = sub.add_parser("plan", help="replicas, partitions, cores/GPUs and monthly cost for a rate and a p99 target")
+    pl.add_argument("--rate", type=_positive_float, required=True, metavar="EPS", help="events per second to serve")
+    pl.add_argument("--p99-ms", type=_positive_float, required=True, metavar="MS",
+                    help="p99 latency target in milliseconds")
+    pl.add_argument("--bench", type=Path, action="append", default=None, metavar="FILE",
+                    help="a measurement: `sluice bench --json FILE` (the whole worker) or `sluice bench-inference "
+                         "--sweep --json > FILE` (engines alone, CPU and GPU); repeat to combine")
+    pl.add_argument("--prices", type=Path, default=None, metavar="FILE",
+                    help="price table (TOML; see deploy/prices.example.toml); without it no cost is computed")
+    pl.add_argument("--precision", default="fp32", metavar="P",
+                    help="plan from sweep rows of this precision only (default fp32: no quality traded)")
+    pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
+    pl.set_defaults(func=_cmd_plan)
     return p
 
 

@@ -412,7 +412,10 @@ class Settings(BaseSettings):
             return [RouteSettings(name=_route_name(self.model.path), input_topics=list(self.kafka.input_topics),
                                   model=self.model, scores=self.topics.scores, dlq=self.topics.dlq, guard=self.guard,
                                   degrade=self.degrade)]
-        return [r.model_copy(update={"scores": r.scores or self.topics.scores, "dlq": r.dlq or self.topics.dlq})
+        # A route without limits of its own takes the top-level [guard] and [degrade].
+        return [r.model_copy(update={"scores": r.scores or self.topics.scores, "dlq": r.dlq or self.topics.dlq,
+                                     "guard": r.guard if r.guard.enabled else self.guard,
+                                     "degrade": r.degrade if r.degrade.fallback is not None else self.degrade})
                 for r in self.routes]
 
     def config_sha256(self) -> str:

@@ -261,12 +261,17 @@ def check_model(path: str | pathlib.Path, events: int = 4000, seed: int = 12345)
     if spec.onnx_path.is_file() and _has_module("onnx"):
         import onnx
 
-        meta = {p.key: p.value for p in onnx.load(str(spec.onnx_path), load_external_data=False).metadata_props}
+        try:
+            meta = {p.key: p.value for p in onnx.load(str(spec.onnx_path), load_external_data=False).metadata_props}
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: a corrupt file is a failed check
+            rep.add("onnx metadata", False, f"{spec.onnx_path.name} does not parse as ONNX: {type(e).__name__}: {e}")
+            meta = None
         want = {"model": spec.name, "version": spec.version, "columns": ",".join(spec.columns)}
-        bad = [k for k, v in want.items() if k in meta and meta[k] != v]
-        rep.add("onnx metadata", not _fatal(bad) and bool(meta),
-                _mismatch(bad, meta.get("version"), spec.version) if bad
-                else ("model, version, columns match" if meta else "no sluice metadata in the ONNX (retrain with train.py)"))
+        bad = [k for k, v in want.items() if meta is not None and k in meta and meta[k] != v]
+        if meta is not None:
+            rep.add("onnx metadata", not _fatal(bad) and bool(meta),
+                    _mismatch(bad, meta.get("version"), spec.version) if bad
+                    else ("model, version, columns match" if meta else "no sluice metadata in the ONNX (retrain with train.py)"))
 
     # -- baseline vs manifest
     if spec.baseline_path.is_file():

@@ -74,7 +74,11 @@ def _env(bootstrap, topic, replica, group, **extra):
 def _deploy(bootstrap, topic, config_env, *args) -> str:
     """`sluice models deploy|rollback ...` as an operator runs it; the deployment id it wrote."""
     env = dict(config_env)
-    proc = subprocess.run([sys.executable, "-m", "workers", "models", *args, "--json"], env=env, cwd=ROOT,
+    config = Path(env["SLUICE_TEST_CONFIG_DIR"]) / "sluice.toml"
+    config.write_text("# every setting comes from the SLUICE_* environment of the workers\n")
+    cmd, *rest = args
+    proc = subprocess.run([sys.executable, "-m", "workers", "models", cmd, "--config", str(config), *rest, "--json"],
+                          env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return orjson.loads(proc.stdout)["deployment"]
@@ -151,7 +155,7 @@ def test_deploy_canary_shadow_then_rollback_during_a_stream_with_sigkills(bootst
     for w in ws.values():
         w.wait_started()
     route = "flow_classifier"
-    env = _env(bootstrap, topic, "operator", group)
+    env = _env(bootstrap, topic, "operator", group, SLUICE_TEST_CONFIG_DIR=str(tmp_path))
     wait_until(lambda: sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) > 3000, 60,
                what="first commits under the configured model")
     d1 = _deploy(bootstrap, topic, env, "deploy", "--route", route, "--primary", str(MODEL), "--canary", str(v2),
@@ -186,7 +190,9 @@ def test_deploy_canary_shadow_then_rollback_during_a_stream_with_sigkills(bootst
     initial = initial_deployment(group, route, MODEL, "onnxruntime", "cpu")
     deps = {**control, initial.id: initial}
     assert set(control) == {d1, d2}
-    assert control[d2].primary == control[d1].primary and control[d2].canary is None and not control[d2].shadow
+    # The rollback restores what ran before d1: the route's configured model, no canary, no shadow.
+    assert control[d2].primary.lineage() == initial.primary.lineage()
+    assert control[d2].canary is None and not control[d2].shadow and control[d2].supersedes == d1
     audits = _audits(bootstrap, topic)
     by_dep = _check_lineage(out.scores, [], audits, deps)
     canary, primary = by_dep[(d1, "canary")], by_dep[(d1, "primary")]
