@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -295,7 +297,19 @@ def check_codecs() -> None:
 _TABLES = ("drift-windows", "drift-seen", "drift-meta")
 
 
-def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None, tick_s: float = 1.0):
+def default_data_dir(group_id: str) -> Path:
+    """faust's data directory when ``--data-dir`` is not given, never the working directory:
+    ``$XDG_STATE_HOME/sluice/drift-aggregator/<group id>``, else the same under the system temp
+    dir (``/tmp/sluice-<uid>/...``). The tables live in memory and in their changelog topics, so
+    nothing in it must survive a restart."""
+    state = os.environ.get("XDG_STATE_HOME")
+    base = Path(state) / "sluice" if state else Path(tempfile.gettempdir()) / f"sluice-{os.getuid()}"
+    return base / "drift-aggregator" / group_id
+
+
+def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None, tick_s: float = 1.0,
+              data_dir: Path | None = None):
+    """The faust app; ``data_dir`` is faust's data directory (default: :func:`default_data_dir`)."""
     import faust
 
     check_codecs()  # before anything connects: crashing on the first delta is far worse
@@ -325,8 +339,11 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
                           config={"cleanup.policy": "compact"})
     _topic_partitions(admin_conf, f"{drift.group_id}-__assignor-__leader", 1, replication=rf)
     brokers = [f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()]
+    # faust's default data directory is "<app id>-data" in the working directory.
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir(drift.group_id)
     app = faust.App(
         drift.group_id,
+        datadir=str(data_dir).replace("{", "{{").replace("}", "}}"),  # faust formats it with {conf}
         broker=brokers,
         broker_credentials=security.faust_credentials(),
         store="memory://",
@@ -432,12 +449,12 @@ def main(args: argparse.Namespace) -> int:
 
     settings, drift = load_config(args.config)
     logs.setup(settings.logging.level, settings.logging.format)
-    app = build_app(settings, drift)
+    app = build_app(settings, drift, data_dir=getattr(args, "data_dir", None))
     import faust
 
     log.info("drift aggregator starting", extra={"source": settings.topics.drift, "reports": drift.reports_topic,
                                                  "window_s": drift.window_s, "grace_s": drift.grace_s,
-                                                 "partitions": app._sluice_parts})
+                                                 "partitions": app._sluice_parts, "data_dir": str(app.conf.datadir)})
     worker = faust.Worker(app, loglevel=settings.logging.level.lower(), logfile=None, quiet=True)
     try:
         worker.execute_from_commandline()

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from tests.integration.worker_harness import read_all
+from tests.integration.readers import drift_aggregator_settled, read_to_end
+from tests.integration.worker_harness import read_all, wait_until
 from workers import telemetry
 from workers.drift import DriftAccumulator
 from workers.features import Featurizer, ModelSpec
@@ -59,6 +59,8 @@ def _produce(bootstrap, topic, values, *, abort=False):
 
 
 def _start(bootstrap, topic, reports, group, log_path):
+    """The aggregator as a process, its faust data directory beside its log (never in the
+    working directory)."""
     cfg = log_path.parent / "drift.toml"
     cfg.write_text(f"""
 [kafka]
@@ -79,18 +81,23 @@ reports_topic = "{reports}"
 group_id = "{group}"
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    return subprocess.Popen([sys.executable, "-m", "workers", "drift-aggregator", "--config", str(cfg)],
+    return subprocess.Popen([sys.executable, "-m", "workers", "drift-aggregator", "--config", str(cfg),
+                             "--data-dir", str(log_path.parent / "aggregator-data")],
                             cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 
 def _reports(bootstrap, reports, want, timeout=90.0):
-    deadline = time.monotonic() + timeout
+    """The committed reports, once they count at least `want` events (or at the timeout)."""
     got: list = []
-    while time.monotonic() < deadline:
-        got = [orjson.loads(m.value()) for m in read_all(bootstrap, reports, timeout=5, idle=1.0)]
-        if sum(r["count"] for r in got) >= want:
-            break
-        time.sleep(1)
+
+    def enough() -> bool:
+        got[:] = [orjson.loads(m.value()) for m in read_all(bootstrap, reports, timeout=5, idle=1.0)]
+        return sum(r["count"] for r in got) >= want
+
+    try:
+        wait_until(enough, timeout, interval=1.0, what=f"reports counting {want} events")
+    except AssertionError:
+        pass  # the caller's assertions say what is missing
     return got
 
 
@@ -119,8 +126,12 @@ def test_reports_count_committed_deltas_once_across_a_kill(bootstrap, new_topic,
         agg = _start(bootstrap, topic, reports, group, log)
         want = sum(orjson.loads(d)["count"] for d in r1 + r2)
         got = _reports(bootstrap, reports, want=want)
-        time.sleep(5)  # anything extra (double counting) would show up now
-        got = [orjson.loads(m.value()) for m in read_all(bootstrap, reports, timeout=10, idle=2.0)]
+        # Anything extra (double counting) would come from a delta still unconsumed or a window
+        # still open: wait until neither is left, then read the reports to their end.
+        wait_until(lambda: agg.poll() is not None or drift_aggregator_settled(bootstrap, group, topic, 2),
+                   timeout=60, interval=1.0, what="the aggregator to consume every delta and close every window")
+        assert agg.poll() is None, log.read_text()[-3000:]
+        got = [orjson.loads(m.value()) for msgs in read_to_end(bootstrap, reports, 2).values() for m in msgs]
     finally:
         if agg.poll() is None:
             agg.send_signal(signal.SIGTERM)
@@ -129,6 +140,7 @@ def test_reports_count_committed_deltas_once_across_a_kill(bootstrap, new_topic,
             except subprocess.TimeoutExpired:
                 agg.kill()
     text = log.read_text()
+    assert (tmp_path / "aggregator-data").is_dir() and not (ROOT / f"{group}-data").exists()  # --data-dir
     assert sum(r["count"] for r in got) == want == 5000, (
         [(r["report_id"], r["count"], r["deltas"]) for r in got], text[-3000:])
     assert sum(r["deltas"] for r in got) == len(r1) + len(r2)

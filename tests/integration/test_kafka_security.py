@@ -272,7 +272,8 @@ group_id = "agg-{topic}"
 """)
     log_path = tmp_path / "aggregator.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    agg = subprocess.Popen([sys.executable, "-m", "workers", "drift-aggregator", "--config", str(cfg)],
+    agg = subprocess.Popen([sys.executable, "-m", "workers", "drift-aggregator", "--config", str(cfg),
+                            "--data-dir", str(tmp_path / "aggregator-data")],
                            cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
     try:
         from .worker_harness import read_all

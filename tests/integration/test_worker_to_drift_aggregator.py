@@ -30,7 +30,7 @@ from pathlib import Path
 import jsonschema
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from workers import telemetry
 from workers.drift_aggregator import check_codecs
@@ -38,6 +38,7 @@ from workers.exit_codes import ConfigError
 from workers.features import ModelSpec
 
 from . import worker_harness
+from .readers import drift_aggregator_settled, read_to_end
 from .worker_harness import MODEL, ROOT, WorkerProc, outcome, read_all, wait_until, worker_env
 
 pytest.importorskip("faust", reason="the drift aggregator needs faust-streaming: pip install 'sluice[faust]'")
@@ -100,7 +101,8 @@ group_id = "{group}"
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     log_path = tmp_path / "aggregator.log"
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "drift-aggregator", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "workers", "drift-aggregator", "--config", str(cfg),
+                             "--data-dir", str(tmp_path / "aggregator-data")],
                             cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
     worker_harness._STARTED.append(proc)  # killed by the conftest if the test fails before its own cleanup
     return proc, log_path
@@ -116,34 +118,6 @@ def _assigned(w: WorkerProc) -> int:
             except orjson.JSONDecodeError:
                 pass
     return total
-
-
-class _Reports:
-    """A read_committed reader of the reports topic that keeps what it has read."""
-
-    def __init__(self, bootstrap: str, topic: str):
-        self.c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reports-{uuid.uuid4().hex[:8]}",
-                           "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-                           "enable.auto.commit": False})
-        self.c.subscribe([topic])
-        self.got: list[dict] = []
-
-    def until(self, pred, timeout: float, alive=lambda: True, settle: float = 2.0) -> list[dict]:
-        """Read until pred(reports) holds and nothing new came for `settle` s (extras would show),
-        or until the writer is no longer alive()."""
-        deadline = time.monotonic() + timeout
-        last_new = time.monotonic()
-        while time.monotonic() < deadline and alive():
-            msgs = [m for m in self.c.consume(1000, 0.2) if m.error() is None]
-            if msgs:
-                self.got += [orjson.loads(m.value()) for m in msgs]
-                last_new = time.monotonic()
-            elif pred(self.got) and time.monotonic() - last_new >= settle:
-                break
-        return self.got
-
-    def close(self) -> None:
-        self.c.close()
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 30) -> int | None:
@@ -169,8 +143,8 @@ def test_worker_deltas_become_windowed_psi_reports(bootstrap, new_topic, tmp_pat
     workers = [WorkerProc(worker_env(bootstrap, topic, replica=r, group=group,
                                      SLUICE_TOPICS__PARTITIONS=str(PARTITIONS)), tmp_path / f"{r}.log").start()
                for r in ("a", "b")]
-    agg, agg_log = _start_aggregator(bootstrap, drift_topic, reports_topic, f"agg-{uuid.uuid4().hex[:8]}", tmp_path)
-    reader = None
+    agg_group = f"agg-{uuid.uuid4().hex[:8]}"
+    agg, agg_log = _start_aggregator(bootstrap, drift_topic, reports_topic, agg_group, tmp_path)
     try:
         for w in workers:
             w.wait_started(90)
@@ -200,13 +174,13 @@ def test_worker_deltas_become_windowed_psi_reports(bootstrap, new_topic, tmp_pat
         assert sum(d["count"] for d in deltas) == len(scores), "the deltas do not count the committed scores"
         assert {d["replica"] for d in deltas} == {"a", "b"}
 
-        reader = _Reports(bootstrap, reports_topic)
-        got = reader.until(lambda rs: sum(r["deltas"] for r in rs) >= len(deltas), timeout=90,
-                           alive=lambda: agg.poll() is None)
+        # Every report the aggregator will publish from these deltas (extras included, were it to
+        # count one twice) is committed once it has consumed them all and closed every window.
+        wait_until(lambda: agg.poll() is not None or drift_aggregator_settled(bootstrap, agg_group, drift_topic),
+                   timeout=90, interval=1.0, what="the aggregator to consume every delta and close every window")
         assert agg.poll() is None, f"the aggregator exited {agg.returncode}:\n{agg_log.read_text()[-4000:]}"
+        got = [orjson.loads(m.value()) for msgs in read_to_end(bootstrap, reports_topic).values() for m in msgs]
     finally:
-        if reader is not None:
-            reader.close()
         _stop(agg)
     text = agg_log.read_text(errors="replace")
     summary = [(r["report_id"], r["count"], r["deltas"], r["late"], r["max_psi"]) for r in got]
