@@ -6,18 +6,15 @@ and restarted), with unique delta_ids and schema-valid records.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import jsonschema
 import orjson
 
-from workers.kafka.telemetry_producer import produce_telemetry
-
 from .worker_harness import (
-    WorkerProc, assert_exactly_once, committed_offsets, outcome, partition_ends, read_all, wait_until, worker_env,
+    Feeder, WorkerProc, assert_exactly_once, committed_offsets, outcome, partition_ends, read_all, wait_until,
+    wait_working, worker_env,
 )
 
 PARTITIONS = 4
@@ -26,19 +23,16 @@ SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "records"
 
 def test_drift_deltas_sum_to_scored_events_across_sigkill_and_rebalance(bootstrap, new_topic, tmp_path):
     topic = new_topic(partitions=PARTITIONS, prefix="drift-eos")
-    total = 20_000
-    feeder = threading.Thread(target=produce_telemetry, args=(bootstrap, topic),
-                              kwargs={"count": total, "rate": 5000, "seed": 21, "bad_fraction": 0.01}, daemon=True)
-    feeder.start()
+    feeder = Feeder(bootstrap, topic, rate=3000, seed=21, bad_fraction=0.01)
     group = f"g-{topic}"
     a = WorkerProc(worker_env(bootstrap, topic, replica="a", group=group), tmp_path / "a.log").start()
-    time.sleep(1.5)
+    wait_working(a)
     b = WorkerProc(worker_env(bootstrap, topic, replica="b", group=group), tmp_path / "b.log").start()  # rebalance
-    time.sleep(2.5)
+    wait_working(b, transactions=3)
     b.kill()                                                                                           # SIGKILL
-    time.sleep(1.0)
     b.start()
-    feeder.join(60)
+    wait_working(b)
+    total = feeder.stop()
     ends = partition_ends(bootstrap, topic, PARTITIONS)
     wait_until(lambda: sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) == total,
                timeout=120, what="the replicas to commit every input offset")

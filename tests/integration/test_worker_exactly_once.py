@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import pytest
 
 from workers.kafka.telemetry_producer import produce_telemetry
 
 from .worker_harness import (
+    Feeder,
     WorkerProc,
+    wait_working,
     assert_exactly_once,
     committed_offsets,
     outcome,
@@ -25,6 +26,7 @@ from .worker_harness import (
 )
 
 PARTITIONS = 4
+COMMITTED = "sluice_transactions_committed_total"
 
 
 def _count_outputs(bootstrap, topic):
@@ -38,21 +40,19 @@ def _count_outputs(bootstrap, topic):
 def test_sigkill_at_random_moments_then_restart_gives_exactly_one_output(bootstrap, new_topic, tmp_path):
     """SIGKILL mid-stream, repeatedly, restarting under the same replica id ⇒ no loss, no duplicate."""
     topic = new_topic(partitions=PARTITIONS, prefix="eos-kill")
-    total = 30_000
-    feeder = threading.Thread(
-        target=produce_telemetry, args=(bootstrap, topic),
-        kwargs={"count": total, "rate": 6000, "seed": 11, "bad_fraction": 0.02}, daemon=True,
-    )
-    feeder.start()
+    feeder = Feeder(bootstrap, topic, rate=3000, seed=11, bad_fraction=0.02)
     env = worker_env(bootstrap, topic, replica="r0", group=f"g-{topic}")
     w = WorkerProc(env, tmp_path / "worker.log").start()
     rng = random.Random(7)
     for _ in range(3):
-        time.sleep(rng.uniform(1.5, 3.5))
+        # a random moment, counted in this incarnation's committed transactions (mid-stream)
+        after = rng.randint(1, 12)
+        wait_until(lambda: not w.alive() or w.metric(COMMITTED) >= after, timeout=60,
+                   what=f"the worker to commit {after} transactions")
         assert w.alive(), w.log()[-3000:]
         w.kill()
         w.start()
-    feeder.join(60)
+    total = feeder.stop()
     ends = partition_ends(bootstrap, topic, PARTITIONS)
     assert sum(ends.values()) == total
     wait_until(lambda: sum(committed_offsets(bootstrap, f"g-{topic}", topic, PARTITIONS).values()) == total,
@@ -68,26 +68,20 @@ def test_sigkill_at_random_moments_then_restart_gives_exactly_one_output(bootstr
 def test_replicas_joining_and_leaving_mid_stream_gives_exactly_one_output(bootstrap, new_topic, tmp_path):
     """Two, then three replicas; one leaves with SIGTERM, one is SIGKILLed and comes back ⇒ still exactly once."""
     topic = new_topic(partitions=PARTITIONS, prefix="eos-rebal")
-    total = 30_000
-    feeder = threading.Thread(
-        target=produce_telemetry, args=(bootstrap, topic),
-        kwargs={"count": total, "rate": 5000, "seed": 12, "bad_fraction": 0.01}, daemon=True,
-    )
-    feeder.start()
+    feeder = Feeder(bootstrap, topic, rate=3000, seed=12, bad_fraction=0.01)
     group = f"g-{topic}"
     ws = {r: WorkerProc(worker_env(bootstrap, topic, replica=r, group=group), tmp_path / f"{r}.log") for r in "abc"}
     ws["a"].start()
-    time.sleep(1.5)
+    wait_working(ws["a"])
     ws["b"].start()
-    time.sleep(2.0)
+    wait_working(ws["b"])  # joined: a gave partitions up
     ws["c"].start()
-    time.sleep(2.0)
+    wait_working(ws["c"])
     assert ws["b"].terminate() == 0, ws["b"].log()[-3000:]
-    time.sleep(1.0)
+    wait_working(ws["c"], transactions=ws["c"].metric(COMMITTED) + 1)  # c still committing after b left
     ws["c"].kill()
-    time.sleep(1.0)
     ws["c"].start()
-    feeder.join(60)
+    total = feeder.stop()
     ends = partition_ends(bootstrap, topic, PARTITIONS)
     # b left for good: as a static member its partitions move after the session timeout.
     wait_until(lambda: sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) == total,
@@ -108,7 +102,9 @@ def test_sigterm_commits_everything_consumed(bootstrap, new_topic, tmp_path):
                      SLUICE_TRANSACTIONS__COMMIT_INTERVAL_MS="60000")  # only the shutdown commits
     w = WorkerProc(env, tmp_path / "worker.log").start()
     wait_until(lambda: '"partitions assigned"' in w.log(), timeout=60, what="assignment")
-    time.sleep(2.0)
+    # consumed and scored, none of it committed yet (the interval is a minute): the SIGTERM drain commits it
+    wait_until(lambda: w.metric("sluice_events_scored_total") >= 1000, timeout=60, what="1000 events scored")
+    assert w.metric(COMMITTED) == 0
     assert w.terminate() == 0, w.log()[-3000:]
     committed = committed_offsets(bootstrap, f"g-{topic}", topic, 2)
     n_committed = sum(o for o in committed.values() if o > 0)
@@ -132,7 +128,7 @@ def test_restart_with_same_replica_id_fences_the_zombie(bootstrap, new_topic, tm
     env = worker_env(bootstrap, topic, replica=replica, group=f"g-{topic}")
     zombie = WorkerProc(env, tmp_path / "zombie.log").start()
     wait_until(lambda: '"partitions assigned"' in zombie.log(), timeout=60, what="assignment")
-    time.sleep(1.0)
+    wait_working(zombie)  # the zombie has an epoch in use when the successor's init fences it
     successor = WorkerProc(env, tmp_path / "successor.log").start()
     try:
         wait_until(lambda: not zombie.alive(), timeout=60, what="the zombie to be fenced and exit")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -126,6 +127,45 @@ class WorkerProc:
         body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port()}/metrics", timeout=5).read().decode()
         return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_working(w: WorkerProc, transactions: float = 1, timeout: float = 60) -> None:
+    """Wait until the worker's current incarnation holds partitions and has committed
+    `transactions` transactions (its /metrics): it has joined the group and is working."""
+    wait_until(lambda: not w.alive() or (w.metric("sluice_assigned_partitions") > 0
+                                         and w.metric("sluice_transactions_committed_total") >= transactions),
+               timeout, what=f"{w.log_path.stem} to hold partitions and commit {transactions:.0f} transactions")
+    assert w.alive(), w.log()[-3000:]
+
+
+class Feeder:
+    """Telemetry fed to `topic` at `rate` events/s on a thread until stop() (or `limit` events),
+    so that a test's membership changes and kills happen mid-stream however long they take.
+    stop() returns how many events were acknowledged: the input's size."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: float, seed: int, limit: int = 500_000, **kwargs):
+        from workers.kafka.telemetry_producer import produce_telemetry
+
+        self._stop = threading.Event()
+        self._result: list = []
+
+        def feed() -> None:
+            try:
+                self._result.append(produce_telemetry(bootstrap, topic, count=limit, rate=rate, seed=seed,
+                                                      stop=self._stop, **kwargs))
+            except Exception as exc:  # noqa: BLE001 - handed to stop()'s caller
+                self._result.append(exc)
+
+        self._thread = threading.Thread(target=feed, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 150.0) -> int:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert self._result, "the feeder did not finish"
+        if isinstance(self._result[0], Exception):
+            raise self._result[0]
+        return self._result[0]
 
 
 def read_all(bootstrap: str, topic: str, min_count: int = 0, timeout: float = 60.0, idle: float = 2.0) -> list:
