@@ -3,6 +3,7 @@ join/leave, cooperative-sticky, and static membership (KIP-345)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -16,8 +17,13 @@ class Member:
     def __init__(self, bootstrap: str, group: str, topic: str, **extra):
         conf = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
                 "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
-                "heartbeat.interval.ms": 100, "topic.metadata.refresh.interval.ms": 1000}
+                "heartbeat.interval.ms": 100, "topic.metadata.refresh.interval.ms": 1000,
+                # librdkafka's own view of the group (join state, rebalances counted), for tests
+                # that must show that nothing happened
+                "statistics.interval.ms": 100, "stats_cb": self._on_stats}
         conf.update(extra)
+        self.cgrp: dict = {}
+        self.stats_seen = 0
         self.c = Consumer(conf)
         self.assigned: set[int] = set()
         self.assign_calls = 0
@@ -36,6 +42,14 @@ class Member:
                 self.assigned |= {p.partition for p in parts}
             else:
                 self.assigned = {p.partition for p in parts}
+
+    def _on_stats(self, text: str) -> None:
+        self.cgrp = json.loads(text).get("cgrp", {})
+        self.stats_seen += 1
+
+    def steady_snapshot_after(self, seen: int) -> bool:
+        """A statistics snapshot taken after the `seen`-th shows the membership steady."""
+        return self.stats_seen > seen + 1 and self.cgrp.get("join_state") == "steady"
 
     def _on_revoke(self, c, parts):
         with self.lock:
@@ -92,13 +106,18 @@ def test_static_member_rejoins_without_rebalance(bootstrap, new_topic):
     a = Member(bootstrap, group, t, **{"group.instance.id": "static-a"})
     b = Member(bootstrap, group, t, **{"group.instance.id": "static-b"})
     assert wait_for(lambda: len(a.assigned) == 2 and len(b.assigned) == 2 and not a.assigned & b.assigned)
-    time.sleep(1.0)  # let any trailing rebalance settle
-    a_calls = a.assign_calls
+    seen = a.stats_seen
+    assert wait_for(lambda: a.steady_snapshot_after(seen)), a.cgrp  # no rebalance under way
+    a_calls, a_rebalances = a.assign_calls, a.cgrp["rebalance_cnt"]
     b_parts = set(b.assigned)
     b.close()  # a static member does not leave the group on close
     b2 = Member(bootstrap, group, t, **{"group.instance.id": "static-b"})
     assert wait_for(lambda: b2.assigned == b_parts)
-    time.sleep(1.0)
+    # b2's assignment completes only once every member has joined, so a rebalance caused by its
+    # return would already be counted in a's next statistics snapshot
+    seen = a.stats_seen
+    assert wait_for(lambda: a.steady_snapshot_after(seen)), a.cgrp
+    assert a.cgrp["rebalance_cnt"] == a_rebalances, "the other member saw a rebalance"
     assert a.assign_calls == a_calls, "the other member saw a rebalance"
     assert b2.assigned == b_parts
     a.close()
