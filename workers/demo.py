@@ -1,11 +1,15 @@
 """``sluice demo``: the main job, end to end, on an embedded devbroker.
 
-Starts a devbroker in a temporary directory, creates the topics, produces
-synthetic flow telemetry at a steady rate with a small share of malformed
-records, runs the worker, prints a status line per second and a few sample
-scores, stops by itself, then reads the output topics back with
-``read_committed`` and checks that every produced record has exactly one
-score or dead letter.
+Starts a devbroker in a temporary directory, creates two input topics and runs one worker with
+two routes, as issue 12's SOC would: network flows -> ``models/flow_classifier`` -> the flow
+scores topic, authentication events -> ``models/auth_anomaly`` -> the auth scores topic, each
+route with its own dead-letter topic and drift deltas. It produces synthetic telemetry of both
+kinds at a steady rate with a small share of malformed records (the second half drifted),
+prints a status line per second and a few sample scores of each kind, stops by itself, then
+reads the output topics back with ``read_committed`` and checks, per input topic, that every
+produced record has exactly one score or dead letter in its own route's topics; that the
+drift deltas counted every score of each model once; and that every score record carries its
+lineage (deployment, role, model sha256).
 
 Ctrl-C (SIGINT, to the demo alone or to the terminal's whole process group) or
 SIGTERM stops the traffic and the worker within a few seconds; the demo then
@@ -24,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -32,6 +37,7 @@ from confluent_kafka.admin import AdminClient
 
 from workers import logs
 from workers.config import load_settings
+from workers.control import initial_deployment
 from workers.exit_codes import ExitCode
 from workers.kafka.admin import ensure_topics
 from workers.kafka.telemetry_producer import produce_telemetry
@@ -39,12 +45,32 @@ from workers.logs import kafka_logger
 from workers.metrics import Metrics, MetricsServer
 from workers.pipeline import Pipeline
 
-INPUT_TOPIC = "flows"
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class DemoRoute:
+    """One kind of event in the demo: its input topic, model, output topics and share of the traffic."""
+
+    name: str
+    topic: str
+    kind: str       # workers.telemetry kind of the events produced to ``topic``
+    model: Path
+    scores: str
+    dlq: str
+    share: float    # of the offered rate (--rate)
+
+
+# Sign-ins are far rarer than flows on a real network; a fifth of the traffic still gives the
+# auth model thousands of events in a short demo.
+ROUTES = (
+    DemoRoute("flows", "flows", "flow", MODELS / "flow_classifier", "flow-scores", "flow-dead-letters", 0.8),
+    DemoRoute("auth", "auth-events", "auth", MODELS / "auth_anomaly", "auth-scores", "auth-dead-letters", 0.2),
+)
 GROUP_ID = "sluice-demo"
 BAD_FRACTION = 0.01
 # After traffic stops, how long the worker may take to catch up before the demo stops it anyway.
 CATCH_UP_TIMEOUT_S = 20.0
-MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "flow_classifier"
 # The second half of the demo's traffic drifts by this magnitude (sluice produce --drift).
 DRIFT_PHASE_MAGNITUDE = 1.0
 # The status line's PSI covers this many seconds, so the drifting phase shows within seconds.
@@ -58,8 +84,12 @@ READ_BACK_TIMEOUT_S = 30.0
 READ_BACK_IDLE_S = 2.0
 # Metadata, committed offsets and watermarks from the local broker after the run.
 OFFSETS_TIMEOUT_S = 10.0
-# Waiting for the traffic thread to flush and return once stopped (its flush is bounded too).
+# Waiting for the traffic threads to flush and return once stopped (their flush is bounded too).
 TRAFFIC_JOIN_TIMEOUT_S = 10.0
+# Sample scores printed per route: the highest few and the lowest few.
+SAMPLE_TOP, SAMPLE_BOTTOM = 2, 1
+# Score records ranked for the samples (the first of the read-back): enough to find high scores.
+SAMPLE_POOL = 5000
 
 
 def _status_line(p: Pipeline, prev: dict, elapsed: float) -> str:
@@ -113,45 +143,86 @@ def _read_back(bootstrap: str, topics: list[str], done) -> list:
     return out
 
 
-def _input_offsets(bootstrap: str, partitions: int) -> tuple[dict[int, int], dict[int, int]]:
-    """Per input partition: the demo group's committed offset (0 if none) and the end offset."""
+def _input_offsets(bootstrap: str, topic: str, partitions: int) -> tuple[dict[int, int], dict[int, int]]:
+    """Per partition of input ``topic``: the demo group's committed offset (0 if none) and the end offset."""
     c = _reader(bootstrap, GROUP_ID)
     try:
-        tps = [TopicPartition(INPUT_TOPIC, p) for p in range(partitions)]
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
         committed = {tp.partition: max(0, tp.offset) for tp in c.committed(tps, timeout=OFFSETS_TIMEOUT_S)}
-        ends = {p: c.get_watermark_offsets(TopicPartition(INPUT_TOPIC, p), timeout=OFFSETS_TIMEOUT_S)[1]
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=OFFSETS_TIMEOUT_S)[1]
                 for p in range(partitions)}
     finally:
         c.close()
     return committed, ends
 
 
-def _output_sources(scores: list, dlq: list) -> Counter:
-    """(partition, offset) of the input record behind every committed output, with multiplicity."""
+def _output_sources(scores: list[dict], dlq: list) -> Counter:
+    """(topic, partition, offset) of the input record behind every committed output, with multiplicity.
+
+    ``scores`` are decoded score records, ``dlq`` dead-letter messages (their headers name the source).
+    """
     seen: Counter = Counter()
-    for m in scores:
-        src = orjson.loads(m.value())["source"]
-        seen[(src["partition"], src["offset"])] += 1
+    for rec in scores:
+        src = rec["source"]
+        seen[(src["topic"], src["partition"], src["offset"])] += 1
     for m in dlq:
         h = dict(m.headers() or [])
-        seen[(int(h["sluice.source.partition"]), int(h["sluice.source.offset"]))] += 1
+        seen[(h["sluice.source.topic"].decode(), int(h["sluice.source.partition"]),
+              int(h["sluice.source.offset"]))] += 1
     return seen
 
 
-def _exactly_once_problems(seen: Counter, committed: dict[int, int]) -> list[str]:
-    """What breaks exactly-once: every input offset below the committed offsets has one output, none other."""
+def _exactly_once_problems(topic: str, seen: Counter, committed: dict[int, int]) -> list[str]:
+    """What breaks exactly-once for input ``topic``, from the outputs in its route's topics.
+
+    Every input offset below the committed offsets has one output there, and there is no other:
+    none for a record of another topic (it went to the wrong route), none beyond the committed offsets.
+    """
     problems = []
-    dup = sum(1 for v in seen.values() if v > 1)
+    foreign = sum(v for (t, _, _), v in seen.items() if t != topic)
+    if foreign:
+        problems.append(f"{topic}: {foreign} outputs in its route's topics come from other input topics")
+    mine = Counter({(p, o): v for (t, p, o), v in seen.items() if t == topic})
+    dup = sum(1 for v in mine.values() if v > 1)
     if dup:
-        problems.append(f"{dup} input records have more than one output")
+        problems.append(f"{topic}: {dup} input records have more than one output")
     expected = {(p, o) for p, end in committed.items() for o in range(end)}
-    missing = len(expected - set(seen))
-    extra = len(set(seen) - expected)
+    missing = len(expected - set(mine))
+    extra = len(set(mine) - expected)
     if missing:
-        problems.append(f"{missing} committed input records have no output")
+        problems.append(f"{topic}: {missing} committed input records have no output")
     if extra:
-        problems.append(f"{extra} outputs for input records beyond the committed offsets")
+        problems.append(f"{topic}: {extra} outputs for input records beyond the committed offsets")
     return problems
+
+
+def _lineage_problems(route: DemoRoute, records: list[dict], deployment) -> list[str]:
+    """Every score record of ``route`` names the deployment in force, its role and the model's exact artifacts.
+
+    The demo writes no control record, so that is the route's configured model (``deployment``),
+    as primary.
+    """
+    want = {"deployment": deployment.id, "role": "primary", "sha256": deployment.primary.sha256}
+    wrong = Counter()
+    for rec in records:
+        got = {"deployment": rec.get("deployment"), "role": rec.get("role"),
+               "sha256": (rec.get("model") or {}).get("sha256")}
+        for k, v in want.items():
+            if got[k] != v:
+                wrong[k] += 1
+    return [f"{route.topic}: {n} score records lack {k}={want[k]!r}" for k, n in sorted(wrong.items())]
+
+
+def _print_samples(route: DemoRoute, records: list[dict]) -> None:
+    """The highest and lowest scores of the first records read back, with their lineage."""
+    ranked = sorted(records[:SAMPLE_POOL], key=lambda r: -r["score"])
+    picks = ranked[:SAMPLE_TOP] + ranked[-SAMPLE_BOTTOM:] if len(ranked) > SAMPLE_TOP else ranked
+    for rec in picks:
+        m, src = rec["model"], rec["source"]
+        print(f"  {route.kind:<4} {rec['event_id']}  score={rec['score']:.4f} label={rec['label']}  "
+              f"from {src['topic']}[{src['partition']}]@{src['offset']}  "
+              f"model={m['name']}@{m['version']} sha256={m.get('sha256', '?')[:12]} role={rec.get('role')} "
+              f"deployment={rec.get('deployment')}")
 
 
 def _start_broker(broker) -> None:
@@ -169,6 +240,21 @@ def _start_broker(broker) -> None:
         broker.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def demo_settings(bootstrap: str):
+    """The demo worker's settings: one worker, both routes (what a deployment's TOML would say)."""
+    return load_settings(
+        None,
+        environ={},
+        kafka={"bootstrap_servers": bootstrap, "group_id": GROUP_ID, "replica_id": "demo-0",
+               "session_timeout_ms": 6000},
+        routes=[{"name": r.name, "input_topics": [r.topic], "scores": r.scores, "dlq": r.dlq,
+                 "model": {"path": str(r.model)}} for r in ROUTES],
+        metrics={"port": 0, "host": "127.0.0.1"},
+        transactions={"commit_interval_ms": 100},
+        drift={"recent_s": STATUS_PSI_WINDOW_S},
+    )
 
 
 def run_demo(duration: float = 30.0, rate: float = 5000.0, partitions: int = 4,
@@ -192,8 +278,10 @@ class _Demo:
         self.partitions = partitions
         self.interrupted: list[int] = []
         self.stop_traffic = threading.Event()
+        self.drift_announced = threading.Event()
         self.pipeline: Pipeline | None = None
-        self.produced: dict = {}
+        # Acknowledged records per input topic, and "error" if a traffic thread failed.
+        self.produced: dict[str, int | str] = {}
 
     def on_signal(self, signum: int, _frame) -> None:
         """SIGINT/SIGTERM: stop the traffic and the worker (a second signal aborts instead of draining)."""
@@ -217,20 +305,14 @@ class _Demo:
                 broker.close()
 
     def _run(self, bootstrap: str) -> int:
-        print(f"demo: devbroker at {bootstrap} (development only), model {MODEL_PATH.name}")
+        print(f"demo: devbroker at {bootstrap} (development only); one worker, {len(ROUTES)} routes:")
+        for r in ROUTES:
+            print(f"demo:   route {r.name}: {r.topic} ({r.kind} events, {r.share:.0%} of the traffic) -> "
+                  f"models/{r.model.name} -> {r.scores}, dead letters {r.dlq}")
         admin = AdminClient({"bootstrap.servers": bootstrap, "logger": kafka_logger()})
-        ensure_topics(admin, [INPUT_TOPIC], self.partitions)
+        ensure_topics(admin, [r.topic for r in ROUTES], self.partitions)
         del admin  # librdkafka clients must be gone before the broker stops
-        settings = load_settings(
-            None,
-            environ={},
-            kafka={"bootstrap_servers": bootstrap, "group_id": GROUP_ID, "input_topics": [INPUT_TOPIC],
-                   "replica_id": "demo-0", "session_timeout_ms": 6000},
-            model={"path": str(MODEL_PATH)},
-            metrics={"port": 0, "host": "127.0.0.1"},
-            transactions={"commit_interval_ms": 100},
-            drift={"recent_s": STATUS_PSI_WINDOW_S},
-        )
+        settings = demo_settings(bootstrap)
         metrics = Metrics()
         server = MetricsServer(metrics, "127.0.0.1", 0).start()
         try:
@@ -250,27 +332,32 @@ class _Demo:
             server.stop()
         return self._check(pipeline, settings, bootstrap, code)
 
-    def _traffic(self, bootstrap: str) -> None:
-        count = int(self.rate * self.duration)
-        seed = int(time.time())
+    def _traffic(self, bootstrap: str, route: DemoRoute, seed: int) -> None:
+        """One route's events: half training-like, then half drifted, at its share of the rate."""
+        rate = self.rate * route.share
+        count = int(rate * self.duration)
         try:
             n = produce_telemetry(
-                bootstrap, INPUT_TOPIC, count=count // 2, rate=self.rate, seed=seed,
+                bootstrap, route.topic, kind=route.kind, count=count // 2, rate=rate, seed=seed,
                 bad_fraction=BAD_FRACTION, stop=self.stop_traffic,
             )
             if not self.stop_traffic.is_set():
-                print(f"demo: traffic now drifts (--drift {DRIFT_PHASE_MAGNITUDE})", flush=True)
+                if not self.drift_announced.is_set():
+                    self.drift_announced.set()
+                    print(f"demo: traffic now drifts (--drift {DRIFT_PHASE_MAGNITUDE})", flush=True)
                 n += produce_telemetry(
-                    bootstrap, INPUT_TOPIC, count=count - count // 2, rate=self.rate, seed=seed + 1,
+                    bootstrap, route.topic, kind=route.kind, count=count - count // 2, rate=rate, seed=seed + 1,
                     bad_fraction=BAD_FRACTION, stop=self.stop_traffic, drift=DRIFT_PHASE_MAGNITUDE,
                 )
-            self.produced["n"] = n
+            self.produced[route.topic] = n
         except Exception as exc:  # noqa: BLE001 - reported below, the demo then fails
-            self.produced["error"] = str(exc)
+            self.produced["error"] = f"{route.topic}: {exc}"
 
     def _drive(self, pipeline: Pipeline, bootstrap: str) -> int:
         """Traffic and status threads around pipeline.run(); the worker's exit code."""
-        producer_thread = threading.Thread(target=self._traffic, args=(bootstrap,), name="demo-traffic", daemon=True)
+        seed = int(time.time())
+        traffic = [threading.Thread(target=self._traffic, args=(bootstrap, r, seed + 10 * i),
+                                    name=f"demo-traffic-{r.name}", daemon=True) for i, r in enumerate(ROUTES)]
 
         def status():
             prev: dict = {}
@@ -281,8 +368,8 @@ class _Demo:
                 if pipeline._stop_requested:
                     break
                 print(_status_line(pipeline, prev, time.monotonic() - t0), flush=True)
-                if not producer_thread.is_alive():
-                    target = self.produced.get("n", -1)
+                if not any(t.is_alive() for t in traffic):
+                    target = sum(self.produced.get(r.topic, -1) for r in ROUTES)
                     done = pipeline.stats.consumed >= target and not pipeline._inflight
                     if done or "error" in self.produced:
                         caught_up_since = caught_up_since or time.monotonic()
@@ -292,16 +379,18 @@ class _Demo:
                         pipeline.request_stop()
 
         if not self.interrupted:
-            producer_thread.start()
+            for t in traffic:
+                t.start()
             threading.Thread(target=status, name="demo-status", daemon=True).start()
         code = pipeline.run()
         self.stop_traffic.set()
-        if producer_thread.is_alive():
-            producer_thread.join(TRAFFIC_JOIN_TIMEOUT_S)
+        for t in traffic:
+            if t.is_alive():
+                t.join(TRAFFIC_JOIN_TIMEOUT_S)
         return code
 
     def _check(self, pipeline: Pipeline, settings, bootstrap: str, code: int) -> int:
-        """Read the outputs back and check exactly-once over what the group committed."""
+        """Read the outputs back and check exactly-once, drift counts and lineage over what the group committed."""
         if self.interrupted:
             names = ", ".join(dict.fromkeys(signal.Signals(s).name for s in self.interrupted))
             print(f"demo: interrupted ({names}); worker stopped (exit {code}); checking what was processed so far",
@@ -309,45 +398,70 @@ class _Demo:
         if "error" in self.produced:
             print(f"demo: traffic failed: {self.produced['error']}", file=sys.stderr)
             return ExitCode.FAILURE
-        acked = self.produced.get("n", 0)  # acknowledged by the broker (the producer flushed)
-        committed, ends = _input_offsets(bootstrap, self.partitions)
-        processed = sum(committed.values())
-        records = _read_back(bootstrap, [settings.topics.scores, settings.topics.dlq],
-                             lambda out: len(out) >= processed)
-        scores = [m for m in records if m.topic() == settings.topics.scores]
-        dlq = [m for m in records if m.topic() == settings.topics.dlq]
+        offsets = {r.topic: _input_offsets(bootstrap, r.topic, self.partitions) for r in ROUTES}
+        processed = {t: sum(committed.values()) for t, (committed, _) in offsets.items()}
+        records = _read_back(bootstrap, [t for r in ROUTES for t in (r.scores, r.dlq)],
+                             lambda out: len(out) >= sum(processed.values()))
+        scores = {r.name: [orjson.loads(m.value()) for m in records if m.topic() == r.scores] for r in ROUTES}
+        dlq = {r.name: [m for m in records if m.topic() == r.dlq] for r in ROUTES}
+        n_scored = sum(len(v) for v in scores.values())
         deltas = _read_back(bootstrap, [settings.topics.drift],
-                            lambda out: sum(orjson.loads(m.value())["count"] for m in out) >= len(scores))
-        counted = sum(orjson.loads(m.value())["count"] for m in deltas)
-        if scores:
-            print("demo: sample scores (committed, read back with read_committed):")
-            ranked = sorted((orjson.loads(m.value()) for m in scores[:5000]), key=lambda r: -r["score"])
-            for rec in ranked[:3] + ranked[-2:]:
-                print(f"  {rec['event_id']}  score={rec['score']:.4f} label={rec['label']}  "
-                      f"from {rec['source']['topic']}[{rec['source']['partition']}]@{rec['source']['offset']}")
+                            lambda out: sum(orjson.loads(m.value())["count"] for m in out) >= n_scored)
+        counted: Counter = Counter()
+        for m in deltas:
+            d = orjson.loads(m.value())
+            counted[d["model"]["name"]] += d["count"]
+
+        problems: list[str] = []
+        routes = {r.name: r for r in settings.effective_routes()}
+        print("demo: sample scores (committed, read back with read_committed), with their lineage:")
+        for r in ROUTES:
+            if scores[r.name]:
+                _print_samples(r, scores[r.name])
         reasons: Counter = Counter()
-        for m in dlq:
+        for m in (m for r in ROUTES for m in dlq[r.name]):
             for k, v in m.headers() or []:
                 if k == "sluice.error.reason":
                     reasons[v.decode()] += 1
         if reasons:
             print("demo: dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
-        problems = _exactly_once_problems(_output_sources(scores, dlq), committed)
-        if sum(ends.values()) != acked:
-            problems.append(f"the input topic holds {sum(ends.values())} records, the producer had {acked} acknowledged")
-        if counted != len(scores):
-            problems.append(f"drift deltas counted {counted} events, {len(scores)} were scored")
-        if not self.interrupted:
-            # Run to the end: everything produced must have been processed, and the worker drained.
-            if processed != acked:
-                problems.append(f"{acked - processed} produced records were not processed")
-            if code != ExitCode.OK:
-                problems.append(f"the worker exited {code}")
+
+        # The demo writes no control record: each route runs its configured model as primary.
+        deps = {r.name: initial_deployment(GROUP_ID, r.name, routes[r.name].model.path, routes[r.name].model.backend,
+                                           routes[r.name].model.device) for r in ROUTES}
+        for r in ROUTES:
+            committed, ends = offsets[r.topic]
+            acked = int(self.produced.get(r.topic, 0))  # acknowledged by the broker (the producer flushed)
+            recs, dep = scores[r.name], deps[r.name]
+            model = dep.primary.name
+            lineage = _lineage_problems(r, recs, dep)
+            own = [*_exactly_once_problems(r.topic, _output_sources(recs, dlq[r.name]), committed), *lineage]
+            other_models = {rec["model"]["name"] for rec in recs} - {model}
+            if other_models:
+                own.append(f"{r.topic}: score records from {sorted(other_models)}, expected only {model}")
+            if sum(ends.values()) != acked:
+                own.append(f"{r.topic} holds {sum(ends.values())} records, the producer had {acked} acknowledged")
+            if counted[model] != len(recs):
+                own.append(f"drift deltas of {model} counted {counted[model]} events, {len(recs)} were scored")
+            if not self.interrupted and processed[r.topic] != acked:
+                own.append(f"{r.topic}: {acked - processed[r.topic]} produced records were not processed")
+            print(f"demo: route {r.name}: {r.topic} -> {model} ({dep.id}): scored={len(recs)} dlq={len(dlq[r.name])} "
+                  f"produced={acked} processed={processed[r.topic]} drift_counted={counted[model]} "
+                  f"lineage={'ok' if not lineage else 'MISSING'} exactly_once={'ok' if not own else 'MISMATCH'}")
+            problems += own
+        unknown = set(counted) - {d.primary.name for d in deps.values()}
+        if unknown:
+            problems.append(f"drift deltas of models no route serves: {sorted(unknown)}")
+        if not self.interrupted and code != ExitCode.OK:
+            # Run to the end: the worker drained and exited 0.
+            problems.append(f"the worker exited {code}")
         st = pipeline.stats
+        n_dlq = sum(len(v) for v in dlq.values())
         print(
-            f"demo: scored={len(scores)} dlq={len(dlq)} produced={acked} processed={processed} "
-            f"drift_counted={counted} commits={st.commits} aborts={st.aborts} "
-            f"p99_ms={st.latency_quantile(0.99) * 1000:.1f} exactly_once={'ok' if not problems else 'MISMATCH'}"
+            f"demo: scored={n_scored} dlq={n_dlq} produced={sum(int(self.produced.get(r.topic, 0)) for r in ROUTES)} "
+            f"processed={sum(processed.values())} drift_counted={sum(counted.values())} commits={st.commits} "
+            f"aborts={st.aborts} p99_ms={st.latency_quantile(0.99) * 1000:.1f} "
+            f"exactly_once={'ok' if not problems else 'MISMATCH'}"
             + (" (interrupted: checked over the processed records)" if self.interrupted else "")
         )
         for problem in problems:

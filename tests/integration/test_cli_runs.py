@@ -41,3 +41,10 @@ def test_demo_scores_and_dead_letters_then_stops_by_itself():
     last = re.search(r"^demo: scored=(\d+) dlq=(\d+)", run.stdout, re.M)
     assert last, run.stdout[-2000:]
     assert int(last.group(1)) > 1000 and int(last.group(2)) > 0
+    # Both kinds of events, each through its own route: exactly once per input topic, drift
+    # counted per model, lineage on every score record, and sample scores of both kinds.
+    routes = dict(re.findall(r"^demo: route (\w+): .* scored=(\d+) .* lineage=ok exactly_once=ok$", run.stdout, re.M))
+    assert set(routes) == {"flows", "auth"}, run.stdout[-3000:]
+    assert all(int(n) > 0 for n in routes.values())
+    assert re.search(r"^  flow .* role=primary deployment=flows@config-", run.stdout, re.M)
+    assert re.search(r"^  auth .* role=primary deployment=auth@config-", run.stdout, re.M)
