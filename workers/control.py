@@ -194,7 +194,10 @@ class Deployment:
             )
         except KeyError as exc:
             raise ControlRecordError(f"deployment record: missing {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
+            # AttributeError: a field of the wrong JSON type (e.g. requested_by not an object).
+            # Every bad record must be this error: the follower and the start-up read skip it,
+            # anything else would stop the follower or fail every start (a poison record).
             if isinstance(exc, ControlRecordError):
                 raise
             raise ControlRecordError(f"deployment record: {exc}") from None

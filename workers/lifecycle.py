@@ -73,19 +73,27 @@ def _partitions(consumer: Consumer, topic: str, timeout: float) -> list[int]:
 
 def read_deployments(settings: Settings, timeout: float = CONTROL_READ_TIMEOUT_S) -> dict[str, Deployment]:
     """The latest deployment per route of this group on the control topic (read to its end)."""
+    return read_control(settings, timeout)[0]
+
+
+def read_control(settings: Settings, timeout: float = CONTROL_READ_TIMEOUT_S) -> tuple[dict[str, Deployment], dict[int, int]]:
+    """:func:`read_deployments`, and per partition the offset where the read ended (where a
+    :class:`ControlFollower` goes on, so it never hands out a deployment older than these)."""
     topic, group = settings.topics.control, settings.kafka.group_id
     consumer = _control_consumer(settings, "read")
     latest: dict[str, Deployment] = {}
+    starts: dict[int, int] = {}
     try:
         deadline = time.monotonic() + timeout
         parts = _partitions(consumer, topic, timeout)
         ends: dict[int, int] = {}
         for p in parts:
             lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=max(0.1, deadline - time.monotonic()))
+            starts[p] = hi
             if hi > lo:
                 ends[p] = hi
         if not ends:
-            return latest
+            return latest, starts
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         positions = {p: -1 for p in ends}
         while any(positions[p] + 1 < ends[p] for p in ends):
@@ -104,7 +112,7 @@ def read_deployments(settings: Settings, timeout: float = CONTROL_READ_TIMEOUT_S
                     positions[tp.partition] = max(positions[tp.partition], tp.offset - 1)
     finally:
         consumer.close()
-    return latest
+    return latest, starts
 
 
 def _take(msg, group: str, latest: dict[str, Deployment]) -> Deployment | None:
@@ -133,9 +141,12 @@ class ControlFollower:
     last call. The thread only reads; it never touches the worker's clients.
     """
 
-    def __init__(self, settings: Settings, routes: set[str]):
+    def __init__(self, settings: Settings, routes: set[str], start: dict[int, int] | None = None):
+        """``start``: per control partition, the offset to read from (:func:`read_control`'s);
+        partitions not in it are read from the beginning."""
         self.settings = settings
         self.routes = routes
+        self._start = dict(start or {})
         self._lock = threading.Lock()
         self._new: dict[str, Deployment] = {}
         self.pending = False  # read without the lock on the hot path: a cheap "anything new?"
@@ -160,8 +171,10 @@ class ControlFollower:
         topic, group = self.settings.topics.control, self.settings.kafka.group_id
         consumer = _control_consumer(self.settings, "follow")
         try:
-            # From the beginning: cheap (one record per route, compacted), and nothing can slip
-            # between the start-up read and this thread. Known deployments are filtered later.
+            # From where the start-up read ended, not from the beginning: compaction never
+            # touches the active segment, so the topic holds a route's earlier deployments too,
+            # and one handed out in a poll before the latest would be loaded and served as if
+            # it were new. Nothing slips: the start-up read went to these offsets.
             while not self._stop.is_set():
                 try:
                     parts = _partitions(consumer, topic, 10.0)
@@ -174,7 +187,7 @@ class ControlFollower:
                 self._stop.wait(FOLLOW_POLL_S)
             else:
                 return
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+            consumer.assign([TopicPartition(topic, p, self._start.get(p, OFFSET_BEGINNING)) for p in parts])
             while not self._stop.is_set():
                 msgs = consumer.consume(100, FOLLOW_POLL_S)
                 seen: dict[str, Deployment] = {}
@@ -206,30 +219,39 @@ class DeploymentLoader:
         self.started = time.monotonic()
         self._build = build
         self._done = threading.Event()
+        # Set before the thread starts (a build that fails at once reads it), and read with
+        # `pool` under the lock, so the built pool is shut down exactly once when abandoned.
+        self._abandoned = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"load-{deployment.id}", daemon=True)
         self._thread.start()
-
-        self._abandoned = False
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
 
     def abandon(self) -> None:
-        """The worker stops: a pool still loading is shut down as soon as it is built."""
-        self._abandoned = True
-        if self._done.is_set() and self.pool is not None:
-            self.pool.shutdown(wait=False, cancel=True)
+        """Not wanted any more (the worker stops, or a newer deployment replaces this one):
+        a pool still loading is shut down as soon as it is built."""
+        with self._lock:
+            self._abandoned = True
+            orphan = self.pool if self._done.is_set() else None
+        if orphan is not None:
+            orphan.shutdown(wait=False, cancel=True)
 
     def _run(self) -> None:
+        pool = None
         try:
-            self.pool = self._build(self.deployment)
+            pool = self._build(self.deployment)
         except Exception as exc:  # noqa: BLE001 - refused: the reason goes to the log and the audit topic
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._done.set()
-        if self._abandoned and self.pool is not None:
-            self.pool.shutdown(wait=False, cancel=True)
+            with self._lock:
+                self.pool = pool
+                self._done.set()
+                orphan = pool if self._abandoned else None
+        if orphan is not None:
+            orphan.shutdown(wait=False, cancel=True)
 
 
 @dataclass

@@ -68,7 +68,7 @@ from workers.drift import DriftAccumulator
 from workers.exit_codes import BrokerUnavailable, ConfigError, ExitCode
 from workers.features import ModelSpec
 from workers.inference.pool import ScoringPool, ScoringTimeout
-from workers.lifecycle import CanaryGuard, ControlFollower, DeploymentLoader, read_deployments
+from workers.lifecycle import CanaryGuard, ControlFollower, DeploymentLoader, read_control
 from workers.kafka import settings as kafka_settings
 from workers.kafka.admin import (
     StartupErrorLog,
@@ -423,7 +423,7 @@ class Pipeline:
     def _apply_startup_deployments(self) -> None:
         """Before anything is scored: the latest deployment of each route on the control topic."""
         try:
-            latest = read_deployments(self.settings)
+            latest, control_ends = read_control(self.settings)
         except (KafkaException, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot read the control topic {self.settings.topics.control!r}: {exc}") from exc
         for name, dep in latest.items():
@@ -437,7 +437,7 @@ class Pipeline:
                 self._refuse(route, dep, f"{type(exc).__name__}: {exc}")
                 continue
             self._switch(route, dep, pool)
-        self._follower = ControlFollower(self.settings, set(self.routes))
+        self._follower = ControlFollower(self.settings, set(self.routes), start=control_ends)
         self._follower.start()
 
     def _refuse(self, route: Route, dep: Deployment, error: str) -> None:
@@ -453,7 +453,13 @@ class Pipeline:
         """A record for the open transaction (or the next one, if the producer is between)."""
         if self.producer.failed is not None:
             return
-        self.txn.add_record(topic, key, value)
+        try:
+            self.txn.add_record(topic, key, value)
+        except AbortableError as exc:
+            # The open transaction had failed already: abort and rewind as _emit would; the
+            # record is carried into the next transaction (Transaction.add_record keeps it).
+            log.warning("produce failed; aborting and rewinding", extra={"error": str(exc)})
+            self._abort_and_rewind("produce_failed")
 
     def _start_fallback(self, route: Route) -> None:
         """Load and warm the route's fallback at start, so degrading costs no load time."""
@@ -551,6 +557,12 @@ class Pipeline:
                     continue
                 if route.loader is not None and route.loader.deployment.id == dep.id:
                     continue
+                if route.loader is not None:
+                    # Superseded while loading: its pool (scoring processes) would otherwise be
+                    # built and never used nor shut down.
+                    log.info("a newer deployment replaces the one loading", extra={
+                        "route": name, "deployment": dep.id, "abandoned": route.loader.deployment.id})
+                    route.loader.abandon()
                 log.info("loading a new deployment in the background", extra={"route": name, "deployment": dep.id})
                 route.loader = DeploymentLoader(dep, lambda d, rs=route.settings: self._build_deployment(rs, d))
         for route in self.routes.values():
@@ -1016,7 +1028,7 @@ class Pipeline:
         self.txn.add_record(self.settings.topics.audit, dep.key, audit_record(
             "applied", dep, replica=self.settings.kafka.replica_id, worker=self.worker_lineage,
             offsets=[(t, p, o) for (t, p), o in sorted(first.items())],
-            extra={"trigger": trigger, "previous": sorted(previous)}))
+            extra={"trigger": trigger, "previous": sorted(previous)}), redo=False)
         for tp in partitions:
             self.txn.applied[tp] = dep.id
         if trigger == "switch":

@@ -37,6 +37,7 @@ class Transaction:
         self.deployments: dict[str, str] = {}            # route -> the deployment its outputs came from
         self.applied: dict[tuple[str, int], str] = {}    # partitions whose `applied` audit is in here
         self.records: list[Record] = []                  # produced here, to be redone if aborted
+                                                         # (not the `applied` audits: see add_record)
         self._carry: list[Record] = list(carry_over)
 
     @property
@@ -50,14 +51,30 @@ class Transaction:
         self.producer.begin()
         self.started_at = time.monotonic()
         carry, self._carry = self._carry, []
-        for record in carry:
-            self.add_record(*record)
+        # Owned before they are produced: if producing one fails, the abort that follows must
+        # carry every one of them again, not only those produced so far.
+        self.records.extend(carry)
+        for topic, key, value in carry:
+            self.producer.produce(topic, value, key)
 
-    def add_record(self, topic: str, key: bytes | None, value: bytes) -> None:
-        """A record that must commit with this transaction's outputs, or be redone after an abort."""
+    def add_record(self, topic: str, key: bytes | None, value: bytes, redo: bool = True) -> None:
+        """A record that must commit with this transaction's outputs.
+
+        ``redo``: produce it again in the next transaction if this one aborts (refused and
+        guard audits, control records). An ``applied`` audit passes False: it describes this
+        transaction's outputs, which the replay after an abort audits anew, possibly under
+        another deployment or (after a revoke) on another replica; carried over, it would
+        claim a deployment for offsets whose outputs came from a different one.
+        """
+        if redo:
+            # Before begin and produce: a record whose produce fails is still redone after the abort.
+            if self.started_at is None:
+                self._carry.append((topic, key, value))
+                self.begin()
+                return
+            self.records.append((topic, key, value))
         self.begin()
         self.producer.produce(topic, value, key)
-        self.records.append((topic, key, value))
 
     def take(self, next_offsets: dict[tuple[str, int], int]) -> None:
         """Step 2: the offsets after a batch whose outputs were produced in this transaction."""
@@ -82,4 +99,4 @@ class Transaction:
 
     def carry_over(self) -> list[Record]:
         """After an abort: the records the next transaction must produce again (audit, control)."""
-        return self.records + self._carry
+        return self.records + self._carry  # one of the two is empty: _carry empties at begin()
