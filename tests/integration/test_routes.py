@@ -50,7 +50,7 @@ def test_two_routes_in_one_worker_keep_their_models_and_topics_apart(bootstrap, 
                      SLUICE_TOPICS__SHADOW=f"{flows}-shadow")
     stop = threading.Event()
     feeders = [threading.Thread(target=produce_telemetry, args=(bootstrap, topic), daemon=True,
-                                kwargs={"kind": kind, "count": 12_000, "rate": 800, "seed": seed,
+                                kwargs={"kind": kind, "count": 10_000_000, "rate": 800, "seed": seed,
                                         "bad_fraction": 0.02, "stop": stop})
                for topic, kind, seed in ((flows, "flow", 41), (auth, "auth", 42))]
     for f in feeders:
@@ -64,8 +64,16 @@ def test_two_routes_in_one_worker_keep_their_models_and_topics_apart(bootstrap, 
     base = initial_deployment(group, "auth", AUTH, "onnxruntime", "cpu")
     dep = base.succeeded_by(primary=base.primary, canary=ModelRef.from_folder(v2), fraction=0.25, reason="auth canary")
     _write_control(bootstrap, f"{flows}-control", dep)
+
+    def applied() -> bool:
+        return any(orjson.loads(m.value()).get("deployment") == dep.id
+                   for m in read_all(bootstrap, f"{flows}-audit", timeout=5, idle=0.5))
+
+    wait_until(applied, 120, what="the auth canary to be applied:\n" + w.log()[-3000:])
+    time.sleep(3.0)  # canary traffic
+    stop.set()
     for f in feeders:
-        f.join(120)
+        f.join(60)
     totals = {}
     for topic in (flows, auth):
         ends = partition_ends(bootstrap, topic, 2)

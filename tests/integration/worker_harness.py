@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,12 +189,32 @@ def read_all(bootstrap: str, topic: str, min_count: int = 0, timeout: float = 60
     return out
 
 
+def all_committed(bootstrap: str, group: str, topic: str, partitions: int, total: int) -> bool:
+    """Whether `group` has committed offsets summing to `total` on `topic` (a predicate for
+    wait_until: a coordinator still loading, e.g. NOT_COORDINATOR on a fresh Kafka, is "not yet")."""
+    try:
+        return sum(committed_offsets(bootstrap, group, topic, partitions).values()) == total
+    except KafkaException:
+        return False
+
+
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed offsets; retried while the group coordinator moves or loads (Kafka
+    answers NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS for a while after a start or a failover)."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
                   "isolation.level": "read_committed"})
-    tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
-    c.close()
-    return {tp.partition: tp.offset for tp in tps}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
+                return {tp.partition: tp.offset for tp in tps}
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        c.close()
 
 
 @dataclass
