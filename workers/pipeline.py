@@ -237,6 +237,7 @@ class Pipeline:
         # only when one ran during the call (filtering costs ~0.5 us per message).
         self._epoch = 0
         self._paused = False
+        self._lag_by_topic: dict[str, int] = {}  # input topic -> lag of this replica's partitions of it
         self._full_since: float | None = None  # when the in-flight queue last became full
         self._inflight: deque[Batch] = deque()
         self.txn: Transaction | None = None  # the open (or next) transaction
@@ -479,7 +480,9 @@ class Pipeline:
         d = route.settings.degrade
         recent = [p for t, p in route.recent_p99 if now - t <= PRESSURE_WINDOW_S]
         p99_ms = max(recent) * 1000.0 if recent else 0.0
-        pressure = bool((d.max_lag and self.stats.lag > d.max_lag) or (d.max_p99_ms and p99_ms > d.max_p99_ms))
+        # The route's own lag: another route's backlog is no reason to degrade this one.
+        lag = sum(self._lag_by_topic.get(t, 0) for t in route.settings.input_topics)
+        pressure = bool((d.max_lag and lag > d.max_lag) or (d.max_p99_ms and p99_ms > d.max_p99_ms))
         if route.saved is None:
             route.calm_since = None
             if not pressure:
@@ -496,7 +499,7 @@ class Pipeline:
             self.metrics.deployment_events.labels(route.name, "degraded").inc()
             log.warning("route degraded to its fallback", extra={
                 "route": route.name, "fallback": f"{dep.primary.name} {dep.primary.version}", "p99_ms": round(p99_ms, 1),
-                "lag": self.stats.lag, "pressure_for_s": round(now - route.pressure_since, 2)})
+                "lag": lag, "pressure_for_s": round(now - route.pressure_since, 2)})
             return
         if pressure:
             route.calm_since = None
@@ -1290,6 +1293,7 @@ class Pipeline:
         except orjson.JSONDecodeError:
             return
         total = 0
+        by_topic: dict[str, int] = {}
         for tname, topic in stats.get("topics", {}).items():
             for pid, p in topic.get("partitions", {}).items():
                 if pid == "-1" or (tname, int(pid)) not in self._assigned:
@@ -1301,7 +1305,9 @@ class Pipeline:
                     lag = max(0, end - pos)
                     self.metrics.consumer_lag.labels(tname, pid).set(lag)
                     total += lag
+                    by_topic[tname] = by_topic.get(tname, 0) + lag
         self.stats.lag = total
+        self._lag_by_topic = by_topic
 
     def _on_client_error(self, err: KafkaError) -> None:
         if err.fatal():

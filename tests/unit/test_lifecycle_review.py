@@ -9,9 +9,11 @@ checked is what these classes ask of them (which records are produced, which poo
 from __future__ import annotations
 
 import threading
+import zlib
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
@@ -249,3 +251,96 @@ def test_a_deployment_superseded_while_loading_does_not_leak_its_pool(monkeypatc
     assert route.switched_to[0] is second
     assert built[first.id].shutdowns == 1, "the superseded deployment's pool was left running"
     assert built[second.id].shutdowns == 0
+
+
+# ------------------------------------------------------------------ canary merge (scoring.py)
+
+
+class _NaNEveryThird:
+    """The real backend, except that every third row of a batch scores NaN (a broken canary)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def infer(self, batch):
+        out = np.array(self.inner.infer(batch), dtype=np.float32)
+        out[::3] = np.nan
+        return out
+
+
+def test_a_canary_batch_keeps_every_position_once_and_each_record_aligned_with_its_row():
+    from workers import telemetry
+    from workers.scoring import BatchScorer, ScorerConfig, canary_mask
+
+    n = 400
+    values = [v for _, v, _ in telemetry.generate(kind="flow", count=n, seed=5, bad_fraction=0.1)]
+    canary_cfg = ScorerConfig(MODEL, role="canary", deployment="d", sha256="c" * 64)
+    scorer = BatchScorer(ScorerConfig(MODEL, role="primary", deployment="d", sha256="p" * 64,
+                                      canary=canary_cfg, fraction=0.4,
+                                      shadow=(ScorerConfig(MODEL, role="shadow", deployment="d", drift=False),)))
+    scorer.canary.backend = _NaNEveryThird(scorer.canary.backend)
+    offsets = list(range(1000, 1000 + n))
+    out = scorer.score(values, "flows", [i % 3 for i in range(n)], offsets)
+
+    rejected = [r.position for r in out.rejects]
+    assert len(set(rejected)) == len(rejected)
+    assert sorted(rejected + out.positions.tolist()) == list(range(n)), "a row lost or scored twice"
+    assert {r.reason for r in out.rejects} >= {"non_finite_score"}  # the canary's, mapped back
+    assert out.positions.tolist() == sorted(out.positions.tolist())
+    limit = int(0.4 * 2**32)
+    canary_rows = 0
+    for i, (pos, rec) in enumerate(zip(out.positions.tolist(), out.records)):
+        doc = orjson.loads(rec)
+        assert doc["source"]["offset"] == offsets[pos] and doc["source"]["partition"] == pos % 3
+        is_canary = zlib.crc32(doc["event_id"].encode()) < limit
+        assert doc["role"] == ("canary" if is_canary else "primary")
+        canary_rows += is_canary
+        assert doc["score"] == pytest.approx(float(out.scores[i]), rel=1e-6)
+        ts = out.event_ts[i]
+        assert (doc["event_ts"] is None and np.isnan(ts)) or doc["event_ts"] == pytest.approx(float(ts))
+    for r in out.rejects:  # a canary row that scored NaN is a dead letter, never a primary record
+        if r.reason == "non_finite_score":
+            eid = orjson.loads(values[r.position])["event_id"]
+            assert zlib.crc32(eid.encode()) < limit
+    assert out.role_stats["canary"][0] == canary_rows > 0
+    assert out.role_stats["primary"][0] == len(out.records) - canary_rows
+    assert out.drift.count + out.canary_drift.count == len(out.records)
+    # Shadow: its own positions into the batch (the key of the input at that position).
+    (shadow_records, shadow_pos), = out.shadow
+    for pos, rec in zip(shadow_pos.tolist(), shadow_records):
+        assert orjson.loads(rec)["source"]["offset"] == offsets[pos]
+    assert canary_mask([], 0.5).shape == (0,)
+
+
+# ------------------------------------------------------------------ degradation per route
+
+
+def test_one_routes_backlog_does_not_degrade_another_route():
+    from workers.pipeline import Pipeline, Route
+
+    auth_model = ROOT / "models" / "auth_anomaly"
+    routes = [
+        {"name": "flows", "input_topics": ["flows"], "model": {"path": str(MODEL)},
+         "degrade": {"fallback": str(MODEL), "max_lag": 1000, "after_s": 1, "recover_after_s": 1}},
+        {"name": "auth", "input_topics": ["auth"], "model": {"path": str(auth_model)},
+         "degrade": {"fallback": str(auth_model), "max_lag": 1000, "after_s": 1, "recover_after_s": 1}},
+    ]
+    settings = load_settings(None, environ={"SLUICE_KAFKA__INPUT_TOPICS": '["flows", "auth"]',
+                                            "SLUICE_ROUTES": orjson.dumps(routes).decode(),
+                                            "SLUICE_KAFKA__GROUP_ID": GROUP})
+    pipe = Pipeline(settings)
+    for rs in settings.effective_routes():
+        dep = initial_deployment(GROUP, rs.name, rs.model.path, "onnxruntime", "cpu")
+        route = pipe.routes[rs.name] = Route(rs, dep, RecordingPool(), {})
+        route.fallback = (initial_deployment(GROUP, rs.name, rs.degrade.fallback, "onnxruntime", "cpu"), RecordingPool())
+    pipe._assigned = {("flows", 0), ("auth", 0)}
+    # A backlog of 50 000 on flows, none on auth.
+    pipe._on_stats(orjson.dumps({"topics": {
+        "flows": {"partitions": {"0": {"ls_offset": 50_000, "app_offset": 0}}},
+        "auth": {"partitions": {"0": {"ls_offset": 10, "app_offset": 10}}}}}).decode())
+    t0 = time.monotonic()
+    for route in pipe.routes.values():
+        pipe._judge_pressure(route, t0)
+        pipe._judge_pressure(route, t0 + 2.0)
+    assert pipe.routes["flows"].saved is not None, "the route under pressure must degrade"
+    assert pipe.routes["auth"].saved is None, "auth has no backlog: it must keep its deployment"
