@@ -18,8 +18,8 @@ from workers.kafka.telemetry_producer import produce_telemetry
 
 from .worker_harness import (
     WorkerProc,
+    all_committed,
     assert_exactly_once,
-    committed_offsets,
     outcome,
     partition_ends,
     wait_until,
@@ -62,7 +62,7 @@ def test_injected_fault_aborts_or_renews_and_outputs_stay_exactly_once(bootstrap
     env = worker_env(bootstrap, topic, replica="faulty", group=group,
                      SLUICE_TRANSACTIONS__COMMIT_INTERVAL_MS=COMMIT_INTERVAL_MS, **{FAULTS_ENV: plan})
     w = WorkerProc(env, tmp_path / "worker.log").start()
-    wait_until(lambda: not w.alive() or sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) == TOTAL,
+    wait_until(lambda: not w.alive() or all_committed(bootstrap, group, topic, PARTITIONS, TOTAL),
                timeout=120, interval=0.5, what="the worker to commit every input offset")
     assert w.alive(), f"the worker exited ({w.proc.returncode}) instead of going on:\n" + w.log()[-3000:]
 

@@ -19,7 +19,7 @@ import pytest
 
 from workers.kafka.telemetry_producer import produce_telemetry
 
-from .worker_harness import WorkerProc, committed_offsets, partition_ends, wait_until, worker_env
+from .worker_harness import WorkerProc, all_committed, partition_ends, wait_until, worker_env
 
 PARTITIONS = 4
 SIZES = (100_000, 1_000_000)
@@ -114,8 +114,7 @@ def _run_worker_over(bootstrap: str, new_topic, tmp_path: Path, total: int) -> t
     peak = TreePeak(w.proc.pid)
     start = time.monotonic()
     try:
-        wait_until(lambda: not w.alive()
-                   or sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) == total,
+        wait_until(lambda: not w.alive() or all_committed(bootstrap, group, topic, PARTITIONS, total),
                    timeout=DRAIN_TIMEOUT_S, interval=1.0, what=f"the worker to commit all {total} input offsets")
         assert w.alive(), w.log()[-3000:]
         seconds = time.monotonic() - start
