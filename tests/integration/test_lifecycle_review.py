@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
 import orjson
 from confluent_kafka import Producer
 
+from workers.config import load_settings
 from workers.control import ModelRef, new_deployment
 from workers.kafka.producer import FAULTS_ENV
 from workers.kafka.telemetry_producer import produce_telemetry
+from workers.lifecycle import ControlFollower, read_control
 
 from .worker_harness import (
     MODEL,
@@ -95,3 +98,42 @@ def test_a_replica_never_loads_a_deployment_older_than_the_latest(bootstrap, new
     assert {d for _, d in events} == {latest.id}, f"deployments other than the latest were acted on: {events}"
     assert "loading a new deployment" not in w.log()
     assert not Path(tmp_path / "gone-0").exists()
+
+
+def test_the_control_topic_is_read_to_its_end_across_transaction_markers(bootstrap, new_topic):
+    """A guard rollback is written in a replica's transaction: the start-up read of a replica
+    that starts next must get past the commit (and any abort) marker that ends the topic, and
+    the follower must go on from there and see only what comes after."""
+    control = new_topic(partitions=1, prefix="ctl")
+    group, route = "g-ctl", "flow_classifier"
+    ref = ModelRef.from_folder(MODEL)
+    committed = new_deployment(group, route, primary=ref, reason="committed in a transaction")
+    aborted = new_deployment(group, route, primary=ref, reason="aborted")
+    tp = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"tx-{control}"})
+    tp.init_transactions(30)
+    tp.begin_transaction()
+    tp.produce(control, committed.encode(), committed.key)
+    tp.commit_transaction(30)
+    tp.begin_transaction()
+    tp.produce(control, aborted.encode(), aborted.key)
+    tp.flush(30)
+    tp.abort_transaction(30)
+    settings = load_settings(None, environ={"SLUICE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+                                            "SLUICE_KAFKA__INPUT_TOPICS": '["x"]', "SLUICE_KAFKA__GROUP_ID": group,
+                                            "SLUICE_TOPICS__CONTROL": control})
+    t0 = time.monotonic()
+    latest, starts = read_control(settings, timeout=15)
+    assert time.monotonic() - t0 < 10
+    assert latest == {route: committed}
+    follower = ControlFollower(settings, {route}, start=starts)
+    follower.start()
+    try:
+        newer = new_deployment(group, route, primary=ref, reason="after the start-up read")
+        p = Producer({"bootstrap.servers": bootstrap})
+        p.produce(control, newer.encode(), newer.key)
+        assert p.flush(30) == 0
+        seen = []
+        wait_until(lambda: seen.extend(follower.take().values()) or newer in seen, 30, what="the follower")
+        assert seen == [newer], seen
+    finally:
+        follower.stop()
