@@ -37,6 +37,16 @@ def _alive(pid: int) -> bool:
     return not (status.exists() and "\nState:\tZ" in status.read_text())
 
 
+def _signals_taken(pid: int) -> bool:
+    """No signal sent to the process is still pending: each was ignored, handled or has killed it
+    (/proc/<pid>/status ShdPnd, the process-directed pending set)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return next((int(line.split()[1], 16) for line in text.splitlines() if line.startswith("ShdPnd:")), 0) == 0
+
+
 def _docs(records):
     docs = [orjson.loads(r) for r in records]
     for d in docs:
@@ -132,7 +142,10 @@ def test_scoring_processes_exit_when_the_worker_is_killed(tmp_path):
         for pid in pids:  # a Ctrl-C reaches the whole process group: scoring processes ignore it
             os.kill(pid, signal.SIGINT)
             os.kill(pid, signal.SIGTERM)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while not all(_signals_taken(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_signals_taken(p) for p in pids), "the signals were never delivered"
         assert all(_alive(p) for p in pids), "a scoring process died of SIGINT; the worker decides when to stop"
         proc.kill()
         proc.wait(10)
@@ -188,7 +201,9 @@ def test_an_idle_scoring_process_that_dies_fails_the_next_batch_at_once():
     try:
         pool.start(timeout=120)
         os.kill(pool.pids[1], signal.SIGKILL)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while _alive(pool.pids[1]) and time.monotonic() < deadline:  # dead before anything is submitted
+            time.sleep(0.02)
         batch = _batches(1, 10, 0.0)[0]
         futs = [pool.submit(batch, "flows", [0] * 10, list(range(10))) for _ in range(2)]
         with pytest.raises(BrokenExecutor, match=f"scoring process {pool.pids[1]} was killed by signal 9"):
