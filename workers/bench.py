@@ -8,8 +8,14 @@
    over the same topic under another group; events/s from first fetch to last
    commit, and peak RSS of this phase (the worker process plus its scoring
    processes). Run with drift on and off, for the cost of drift statistics.
+   With ``--shadow PATH`` (repeatable) a third worker run per round scores the same events
+   with those models in shadow too (issue 12: the cost of a shadow model): before that
+   worker starts, a deployment is written to its control topic whose primary is the
+   configured model and whose shadows are the given models, so the worker applies it before
+   it scores anything. The runs with and without shadows swap order every round, and their
+   ratio is the median of the rounds' own ratios.
 
-Steps 2 and 3 run in ``--repeat`` rounds (ceiling, drift on, drift off). On a
+Steps 2 and 3 run in ``--repeat`` rounds (ceiling, drift on, [shadow,] drift off). On a
 shared machine a single run of either side can land on a busy moment, so no
 ratio comes from one run of each: the headline ratio is the median of the
 rounds' own ratios (each round's worker over the ceiling measured seconds
@@ -46,12 +52,18 @@ from confluent_kafka.admin import AdminClient
 
 from workers import logs
 from workers.config import load_settings
+from workers.control import Deployment, ModelRef, initial_deployment
+from workers.exit_codes import ExitCode
 from workers.kafka.admin import ensure_topics
+from workers.logs import kafka_logger
 from workers.pipeline import Pipeline
 from workers.profiling import profiled
 
 MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "flow_classifier"
 PHASE_TIMEOUT_S = 600.0
+# Writing the shadow deployment to the control topic (local or named cluster): acknowledged
+# in milliseconds when the cluster is up; past this the bench fails instead of hanging.
+CONTROL_WRITE_TIMEOUT_S = 30.0
 
 
 def _rss_reset() -> None:
@@ -131,7 +143,9 @@ def _worker_settings(bootstrap: str, topic: str, group: str, args, drift: bool =
     return load_settings(
         None, environ={},
         kafka={"bootstrap_servers": bootstrap, "group_id": group, "input_topics": [topic], "replica_id": "bench-0"},
-        topics={"scores": f"{topic}-scores", "dlq": f"{topic}-dlq", "drift": f"{topic}-drift"},
+        # Every output of the bench's worker runs beside its input topic, none in the defaults.
+        topics={"scores": f"{topic}-scores", "dlq": f"{topic}-dlq", "drift": f"{topic}-drift",
+                "shadow": f"{topic}-shadow", "control": f"{topic}-control", "audit": f"{topic}-audit"},
         model={"path": str(MODEL_PATH)},
         batching={"max_batch_size": args.max_batch_size, "max_batch_delay_ms": 20, "max_inflight_batches": 4},
         inference={"processes": args.processes, "threads": args.threads},
@@ -159,9 +173,49 @@ def _run_worker_until(pipeline: Pipeline, stop_when) -> float:
     return scoring_peak[0]
 
 
-def worker_throughput(bootstrap: str, topic: str, count: int, args, drift: bool = True, run: int = 0) -> dict:
-    group = f"bench-worker-{topic}-{'drift' if drift else 'nodrift'}-{run}"
-    pipeline = Pipeline(_worker_settings(bootstrap, topic, group, args, drift=drift))
+def shadow_refs(paths) -> tuple[ModelRef, ...]:
+    """``--shadow`` folders as deployment models (name, version, digest); ValueError naming the bad one."""
+    refs = []
+    for p in paths or ():
+        try:
+            refs.append(ModelRef.from_folder(p))
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"--shadow {p}: not a model folder ({exc}); give a folder with manifest.toml, "
+                             "e.g. models/flow_classifier") from None
+    return tuple(refs)
+
+
+def deploy_shadow(settings, shadow: tuple[ModelRef, ...]) -> Deployment:
+    """Write the route's deployment with ``shadow`` beside its configured primary to the control topic.
+
+    The worker reads the control topic to its end at start and applies the deployment before
+    it scores anything, so every event of the measured run is also scored by the shadows.
+    """
+    from workers.models_cli import ensure_control_topic, publish
+
+    route = settings.effective_routes()[0]
+    base = initial_deployment(settings.kafka.group_id, route.name, route.model.path, route.model.backend,
+                              route.model.device)
+    dep = base.succeeded_by(primary=base.primary, shadow=shadow, reason="sluice bench --shadow",
+                            requested_by={"tool": "sluice bench"})
+    ensure_control_topic(settings, CONTROL_WRITE_TIMEOUT_S)
+    publish(settings, dep, CONTROL_WRITE_TIMEOUT_S)
+    return dep
+
+
+def _shadow_records(pipeline: Pipeline) -> int:
+    """Shadow score records the worker emitted (all its routes; its metrics count them per route and role)."""
+    return int(sum(s.value for m in pipeline.metrics.registry.collect() if m.name == "sluice_route_events_scored"
+                   for s in m.samples if s.name.endswith("_total") and s.labels.get("role") == "shadow"))
+
+
+def worker_throughput(bootstrap: str, topic: str, count: int, args, drift: bool = True, run: int = 0,
+                      shadow: tuple[ModelRef, ...] = ()) -> dict:
+    """The worker over the preloaded ``topic`` under a fresh group; ``shadow`` models deployed before it starts."""
+    group = f"bench-worker-{topic}-{'drift' if drift else 'nodrift'}{'-shadow' if shadow else ''}-{run}"
+    settings = _worker_settings(bootstrap, topic, group, args, drift=drift)
+    deployment = deploy_shadow(settings, shadow) if shadow else None
+    pipeline = Pipeline(settings)
     pipeline.start()
     _rss_reset()
     committed = {"n": 0}
@@ -176,11 +230,14 @@ def worker_throughput(bootstrap: str, topic: str, count: int, args, drift: bool 
     peak = _rss_peak_mb() + scoring_peak
     committed["n"] = st.scored + st.dead_letters
     secs = (st.last_commit_at or 0) - (st.first_fetch_at or 0)
-    return {
+    result = {
         "events": committed["n"], "scored": st.scored, "dead_letters": st.dead_letters, "seconds": secs,
         "eps": committed["n"] / max(1e-9, secs), "mean_batch": st.batch_events / max(1, st.batches),
         "commits": st.commits, "peak_rss_mb": peak,
     }
+    if deployment is not None:
+        result.update(deployment=deployment.id, shadow_records=_shadow_records(pipeline))
+    return result
 
 
 # Where the feeder writes each event's send time, in values pre-generated with this start_ts.
@@ -331,8 +388,24 @@ def latency_at_rate(bootstrap: str, topic: str, rate: float, seconds: float, arg
     }
 
 
+def _check_shadow_run(result: dict, n_models: int) -> None:
+    """A shadow run must have scored every event with every shadow model, or its figure means nothing."""
+    want = result["scored"] * n_models
+    # At least: an aborted transaction's shadow records are counted too (and redone).
+    if result.get("shadow_records", 0) < want:
+        raise RuntimeError(f"bench: the worker with shadows emitted {result.get('shadow_records')} shadow records, "
+                           f"expected {want} ({n_models} per scored event): deployment {result.get('deployment')} "
+                           "was not applied before scoring; see the worker's log above")
+
+
 def run_bench(args) -> int:
+    """``sluice bench``: preload, rounds of ceiling and worker runs, latency at half load; 0 when done."""
     logs.setup("WARNING", "text")
+    try:
+        shadow = shadow_refs(getattr(args, "shadow", None))
+    except ValueError as exc:
+        print(f"sluice bench: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     with ExitStack() as stack:
         # --profile: this process (ceiling loop and orchestrator) as DIR/orchestrator.*, each
         # worker phase's scoring process as DIR/scoring-<pid>.* (workers/profiling.py).
@@ -353,21 +426,36 @@ def run_bench(args) -> int:
                                                           partitions=args.partitions)).bootstrap
         else:
             broker = f"external {bootstrap}"
-        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin = AdminClient({"bootstrap.servers": bootstrap, "logger": kafka_logger()})
         run_id = f"{int(time.time())}"
         topic = f"bench-in-{run_id}"
         ensure_topics(admin, [topic, f"{topic}-lat"], args.partitions)
+        del admin  # gone before the broker the bench started stops (else it logs the disconnect raw)
         print(f"bench: preloading {args.events} events into {topic} ({args.partitions} partitions) ...", flush=True)
         _preload(bootstrap, topic, args.events, seed=1)
-        # Rounds of ceiling, worker (drift on, the default) and worker (drift off); the best of
-        # `repeat` runs of each, so no comparison is decided by what else the machine did during one run.
-        pts, on, off = [], [], []
+        if shadow:
+            print("bench: shadow models (a third worker run per round): "
+                  + ", ".join(f"{m.name}@{m.version} ({m.sha256[:12]}) from {m.path}" for m in shadow), flush=True)
+        # Rounds of ceiling, worker (drift on, the default), [worker with shadows] and worker (drift
+        # off); the best of `repeat` runs of each, so no comparison is decided by what else the
+        # machine did during one run, and each shadow run is paired with its round's run without.
+        pts, on, sh, off = [], [], [], []
         for run in range(args.repeat):
             pts.append(passthrough(bootstrap, topic, f"{topic}-pt-out", args.events, run=run))
-            on.append(worker_throughput(bootstrap, topic, args.events, args, drift=True, run=run))
+            # With shadows, the pair (without, with) runs in turn one way, then the other way round,
+            # so a machine that speeds up or slows down during the bench favours neither side.
+            pair = [False, True] if shadow else [False]
+            for with_shadow in (pair if run % 2 == 0 else pair[::-1]):
+                if with_shadow:
+                    sh.append(worker_throughput(bootstrap, topic, args.events, args, drift=True, run=run,
+                                                shadow=shadow))
+                    _check_shadow_run(sh[-1], len(shadow))
+                else:
+                    on.append(worker_throughput(bootstrap, topic, args.events, args, drift=True, run=run))
             off.append(worker_throughput(bootstrap, topic, args.events, args, drift=False, run=run))
             print(f"bench: round {run + 1}/{args.repeat}: ceiling {pts[-1]['eps']:.0f}, worker {on[-1]['eps']:.0f} "
-                  f"(drift off {off[-1]['eps']:.0f}) events/s", flush=True)
+                  + (f"(with shadow {sh[-1]['eps']:.0f}, " if shadow else "(")
+                  + f"drift off {off[-1]['eps']:.0f}) events/s", flush=True)
         pt = max(pts, key=lambda r: r["eps"])
         print(f"bench: pass-through ceiling  {pt['eps']:10.0f} events/s ({pt['events']} in {pt['seconds']:.2f}s)", flush=True)
         wk = max(on, key=lambda r: r["eps"])
@@ -384,6 +472,16 @@ def run_bench(args) -> int:
         ratio_best = wk["eps"] / pt["eps"]
         print(f"bench: ratio worker/ceiling  {ratio:10.2f} (median of rounds "
               f"{' '.join(f'{r:.2f}' for r in rounds)}; best run over best run {ratio_best:.2f})", flush=True)
+        shadow_result = None
+        if shadow:
+            best_sh = max(sh, key=lambda r: r["eps"])
+            shadow_rounds = [a["eps"] / b["eps"] for a, b in zip(sh, on)]
+            shadow_ratio = float(np.median(shadow_rounds))
+            print(f"bench: worker, with shadow   {best_sh['eps']:10.0f} events/s ({best_sh['shadow_records']} shadow "
+                  f"records); with / without shadow = {shadow_ratio:.3f} (median of {args.repeat} rounds: "
+                  f"{' '.join(f'{r:.3f}' for r in shadow_rounds)})", flush=True)
+            shadow_result = {"models": [m.to_dict() for m in shadow], "worker": best_sh,
+                             "with_without_ratio": shadow_ratio, "with_without_rounds": shadow_rounds}
         lat = latency_at_rate(bootstrap, f"{topic}-lat", wk["eps"] / 2, args.latency_seconds, args)
         print(f"bench: at {lat['offered_eps']:.0f} events/s (half the worker's max): read_committed-visible "
               f"p50={lat['visible_p50_ms']:.1f}ms p99={lat['visible_p99_ms']:.1f}ms; "
@@ -393,14 +491,19 @@ def run_bench(args) -> int:
             "broker": broker,
             "passthrough": pt, "worker": wk, "worker_no_drift": wk_off, "drift_on_off_ratio": drift_ratio,
             "drift_on_off_rounds": drift_rounds, "ratio_rounds": rounds, "ratio_best_over_best": ratio_best,
-            "runs": {"passthrough": pts, "drift_on": on, "drift_off": off}, "ratio": ratio, "latency": lat,
+            "runs": {"passthrough": pts, "drift_on": on, "drift_off": off, "shadow": sh}, "ratio": ratio,
+            "latency": lat, "shadow": shadow_result,
             "settings": {"processes": args.processes, "threads": args.threads, "max_batch_size": args.max_batch_size,
                          "partitions": args.partitions, "events": args.events, "repeat": args.repeat},
         }
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
-        print("bench: " + json.dumps({"broker": broker, "ratio": round(ratio, 3), "drift_on_off": round(drift_ratio, 3),
-                                      "worker_eps": round(wk["eps"]),
-                                      "ceiling_eps": round(pt["eps"]), "p99_ms": round(lat["visible_p99_ms"], 1),
-                                      "peak_rss_mb": round(wk["peak_rss_mb"])}))
+        summary = {"broker": broker, "ratio": round(ratio, 3), "drift_on_off": round(drift_ratio, 3),
+                   "worker_eps": round(wk["eps"]), "ceiling_eps": round(pt["eps"]),
+                   "p99_ms": round(lat["visible_p99_ms"], 1), "peak_rss_mb": round(wk["peak_rss_mb"])}
+        if shadow_result is not None:
+            summary.update(shadow=[f"{m.name}@{m.version}" for m in shadow],
+                           shadow_eps=round(shadow_result["worker"]["eps"]),
+                           shadow_with_without=round(shadow_result["with_without_ratio"], 3))
+        print("bench: " + json.dumps(summary))
     return 0

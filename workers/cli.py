@@ -505,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the worker on an embedded devbroker with synthetic traffic")
     d.add_argument("--duration", type=_positive_float, default=30.0,
                    help="seconds of traffic, at most 60 (the demo stops by itself)")
-    d.add_argument("--rate", type=_positive_float, default=5000.0, help="events per second offered")
-    d.add_argument("--partitions", type=_positive_int, default=4, help="partitions of the input topic")
+    d.add_argument("--rate", type=_positive_float, default=5000.0,
+                   help="events per second offered: 80%% network flows, 20%% authentication events")
+    d.add_argument("--partitions", type=_positive_int, default=4, help="partitions of each input topic")
     d.set_defaults(func=_cmd_demo, takes_signals=True)
 
     b = sub.add_parser("bench", help="worker events/s vs. a pass-through transactional loop, latency, RSS")
@@ -522,7 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--processes", type=int, default=1, help="[inference] processes (0 = score on threads)")
     b.add_argument("--threads", type=_positive_int, default=1, help="[inference] threads (with --processes 0)")
     b.add_argument("--repeat", type=_positive_int, default=2,
-                   help="rounds of ceiling, worker with drift on, worker with drift off; best of each")
+                   help="rounds of ceiling, worker with drift on, [worker with --shadow,] worker with drift off; "
+                        "best of each")
+    b.add_argument("--shadow", type=Path, action="append", default=None, metavar="PATH",
+                   help="a model folder to run in shadow beside the configured model (repeat for several): each "
+                        "round adds a worker run with them deployed, and the report gives with/without shadow")
     b.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
     b.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="profile the bench process and every scoring process into DIR, as `sluice run --profile`")
