@@ -105,7 +105,10 @@ def read_control(settings: Settings, timeout: float = CONTROL_READ_TIMEOUT_S) ->
                         continue
                     raise KafkaException(m.error())
                 positions[m.partition()] = m.offset()
-                _take(m, group, latest)
+                if m.offset() < ends[m.partition()]:
+                    # Beyond the end taken above is the follower's (it starts there): taken here
+                    # too, a later record could be applied now and an earlier one handed out after.
+                    _take(m, group, latest)
             # Transaction markers and aborted records are never returned: go by the position.
             for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
                 if tp.offset >= 0:

@@ -556,16 +556,20 @@ class Pipeline:
         if follower is not None and follower.pending:
             for name, dep in follower.take().items():
                 route = self.routes.get(name)
-                if route is None or dep.id == route.deployment.id or dep.id in route.refused:
-                    continue
-                if route.loader is not None and route.loader.deployment.id == dep.id:
+                if route is None or route.loader is not None and route.loader.deployment.id == dep.id:
                     continue
                 if route.loader is not None:
-                    # Superseded while loading: its pool (scoring processes) would otherwise be
-                    # built and never used nor shut down.
-                    log.info("a newer deployment replaces the one loading", extra={
+                    # Superseded while loading (by any later record, even one naming what runs
+                    # now): the latest record is the deployment in force, and the pool being
+                    # built (scoring processes) would otherwise be switched to, or leaked.
+                    log.info("a newer control record replaces the deployment loading", extra={
                         "route": name, "deployment": dep.id, "abandoned": route.loader.deployment.id})
                     route.loader.abandon()
+                    route.loader = None
+                # (degraded: the deployment in force is the one the fallback stands in for)
+                running = route.saved[0] if route.saved is not None else route.deployment
+                if dep.id == running.id or dep.id in route.refused:
+                    continue
                 log.info("loading a new deployment in the background", extra={"route": name, "deployment": dep.id})
                 route.loader = DeploymentLoader(dep, lambda d, rs=route.settings: self._build_deployment(rs, d))
         for route in self.routes.values():

@@ -344,3 +344,36 @@ def test_one_routes_backlog_does_not_degrade_another_route():
         pipe._judge_pressure(route, t0 + 2.0)
     assert pipe.routes["flows"].saved is not None, "the route under pressure must degrade"
     assert pipe.routes["auth"].saved is None, "auth has no backlog: it must keep its deployment"
+
+
+def test_a_record_naming_the_running_deployment_abandons_an_older_one_loading(monkeypatch):
+    """Records X then R (R: what runs now) handed out in two polls: X must not be switched to."""
+    from workers.pipeline import Pipeline, Route
+
+    settings = load_settings(None, environ={"SLUICE_KAFKA__INPUT_TOPICS": '["flows"]',
+                                            "SLUICE_MODEL__PATH": str(MODEL), "SLUICE_KAFKA__GROUP_ID": GROUP})
+    pipe = Pipeline(settings)
+    rs = settings.effective_routes()[0]
+    running = _dep("running")
+    route = pipe.routes[rs.name] = Route(rs, running, RecordingPool(), {})
+    gate, built = threading.Event(), []
+
+    def build(rs_, dep):
+        gate.wait(5)
+        built.append(RecordingPool())
+        return built[-1]
+
+    monkeypatch.setattr(pipe, "_build_deployment", build)
+    monkeypatch.setattr(pipe, "_switch", lambda route, dep, pool: setattr(route, "switched_to", (dep, pool)))
+    follower = pipe._follower = _Follower()
+    follower.queue = [{rs.name: _dep("older")}]
+    pipe._lifecycle(time.monotonic())
+    loader = route.loader
+    assert loader is not None
+    follower.queue = [{rs.name: running}]
+    pipe._lifecycle(time.monotonic())
+    gate.set()
+    loader._thread.join(5)
+    pipe._lifecycle(time.monotonic())
+    assert not hasattr(route, "switched_to") and route.loader is None
+    assert built and built[0].shutdowns == 1
