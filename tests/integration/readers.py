@@ -8,25 +8,31 @@ from confluent_kafka import Consumer, TopicPartition
 
 
 def read_values(bootstrap: str, topic: str, isolation: str, expect: int, partitions: int = 1,
-                timeout: float = 10.0, idle: float = 1.0) -> list[bytes]:
+                timeout: float = 10.0) -> list[bytes]:
+    """The values in partitions 0..`partitions`-1 of `topic` at `isolation`: once at least
+    `expect` have come (or at `timeout`), everything up to each partition's end as it is then
+    (its high watermark; under read_committed its last stable offset): an exact end, so one
+    record too many shows, with no "nothing came for a while" guess."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"r-{uuid.uuid4().hex[:8]}",
                   "enable.auto.commit": False, "isolation.level": isolation,
                   "auto.offset.reset": "earliest"})
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
     c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     out: list[bytes] = []
+    ends: dict[int, tuple[int, int]] | None = None
     deadline = time.monotonic() + timeout
-    last = time.monotonic()
-    while time.monotonic() < deadline:
-        m = c.poll(0.1)
-        if m is None:
-            if len(out) >= expect and time.monotonic() - last > idle:
+    try:
+        while time.monotonic() < deadline:
+            if ends is None and len(out) >= expect:
+                ends = {tp.partition: c.get_watermark_offsets(tp, timeout=5, cached=False) for tp in tps}
+            if ends is not None and all(ends[tp.partition][1] <= ends[tp.partition][0]
+                                        or tp.offset >= ends[tp.partition][1] for tp in c.position(tps)):
                 break
-            continue
-        if m.error():
-            continue
-        out.append(m.value())
-        last = time.monotonic()
-    c.close()
+            m = c.poll(0.1)
+            if m is not None and not m.error():
+                out.append(m.value())
+    finally:
+        c.close()
     return out
 
 

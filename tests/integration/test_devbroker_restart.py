@@ -180,7 +180,7 @@ def test_deleted_topic_recreated_has_no_old_records_or_committed_offsets(fresh_b
     assert _committed(b.bootstrap, group, topic) < 0
     b.restart(kill=True)
     assert _committed(b.bootstrap, group, topic) < 0
-    assert read_values(b.bootstrap, topic, "read_uncommitted", 0, idle=0.3, timeout=2) == []
+    assert read_values(b.bootstrap, topic, "read_uncommitted", 0) == []
 
 
 def test_group_membership_survives_restart_without_rebalance(fresh_broker):

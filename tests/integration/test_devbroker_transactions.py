@@ -52,7 +52,7 @@ def test_open_transaction_holds_back_read_committed_until_commit(bootstrap, new_
     p.flush(10)
     plain.produce(t, b"after-open-txn")
     plain.flush(10)
-    assert read_values(bootstrap, t, "read_committed", 0, idle=0.5, timeout=2) == []
+    assert read_values(bootstrap, t, "read_committed", 0) == []
     assert sorted(read_values(bootstrap, t, "read_uncommitted", 2)) == [b"after-open-txn", b"in-txn"]
     p.commit_transaction(10)
     assert sorted(read_values(bootstrap, t, "read_committed", 2)) == [b"after-open-txn", b"in-txn"]
@@ -143,4 +143,4 @@ def test_transaction_timeout_aborts_advances_lso_and_fences_producer(broker, boo
     c.close()
     with pytest.raises(KafkaException):
         p.commit_transaction(10)
-    assert read_values(bootstrap, t, "read_committed", 0, idle=0.5, timeout=2) == []
+    assert read_values(bootstrap, t, "read_committed", 0) == []
