@@ -228,6 +228,7 @@ class Pipeline:
         self._single_topic = settings.kafka.input_topics[0] if len(settings.kafka.input_topics) == 1 else None
         self._stop_requested = False
         self._force_stop = False
+        self._aborted_at_stop = False
         self._assigned: set[tuple[str, int]] = set()
         self._consumer_fences: list[float] = []  # monotonic times the consumer was fenced (see CONSUMER_REFENCE_LIMIT)
         # Partitions rewound (aborted) while a _consume call was under way: messages of theirs
@@ -1101,7 +1102,11 @@ class Pipeline:
         targets = partitions if partitions is not None else set(self._assigned)
         self._rewound |= targets
         self._epoch += 1
-        if not targets:
+        if self._stop_requested:
+            self._aborted_at_stop = True  # what it held is redone by the next owner; exit 1, not 0
+        if not targets or self._stop_requested:
+            # Stopping: nothing more is consumed, so there is no position to restore (and reading
+            # the committed offsets could wait COMMITTED_TIMEOUT_S on a broker that is down).
             return
         tps = [TopicPartition(t, p) for t, p in sorted(targets)]
         try:
@@ -1238,7 +1243,7 @@ class Pipeline:
                 log.error("fatal error while committing at shutdown", extra={"error": str(exc)})
                 self._close(abort=False)
                 return EXIT_FENCED
-            if committed:
+            if committed and not self._aborted_at_stop:
                 log.info("drained and committed; closing", extra=self._summary())
                 self._close(abort=False)
                 return ExitCode.OK

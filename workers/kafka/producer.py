@@ -54,6 +54,29 @@ STUCK_GRACE_S = 5.0
 QUEUE_FULL_TIMEOUT_S = 10.0
 # Between retries of a failed abort (e.g. a commit still in flight in librdkafka).
 ABORT_RETRY_BACKOFF_S = 0.1
+# While a transactional call is slower than this, the producer's metadata is refreshed every
+# NUDGE_INTERVAL_S. librdkafka looks for a transaction's group coordinator again only when one
+# of its brokers changes state (librdkafka issues #5456, #5511): after a broker restart it can
+# wait for good on a coordinator handle it dropped, ignoring the call's timeout (measured here:
+# send_offsets_to_transaction blocked 35 s and more on devbroker and on Apache Kafka 4.1). A
+# metadata request reconnects the brokers, and their state changes wake the lookup.
+NUDGE_AFTER_S = 1.0
+NUDGE_INTERVAL_S = 1.0
+NUDGE_METADATA_TIMEOUT_S = 1.0
+# A call still stuck past its deadline is abandoned with its producer (the thread inside
+# librdkafka cannot be cancelled) and the worker continues under a new producer; each such
+# producer stays blocked in memory, so after this many in one process it exits 75 instead.
+MAX_ABANDONED_PRODUCERS = 3
+# send_offsets_to_transaction normally returns in milliseconds. Stuck as above, it is given up
+# after this (librdkafka's own timeout, then a short grace), so that outputs resume within
+# seconds of a broker restart under a new producer instead of after the whole commit deadline
+# (measured: 32 s with the 30 s commit deadline, tests/integration/test_broker_restart_recovery.py).
+SEND_OFFSETS_TIMEOUT_S = 5.0
+SEND_OFFSETS_GRACE_S = 1.0
+_abandoned = 0
+# Abandoned clients are kept here, never destroyed: destroying a handle while a thread is still
+# inside one of its calls would free memory that call goes on using.
+_ABANDONED_CLIENTS: list = []
 
 
 class FatalProducerError(RuntimeError):
@@ -189,13 +212,22 @@ class _CallThread:
             # keep this frame, and the client with it, until a full garbage collection).
             del fn, args, box, done, item
 
-    def call(self, what: str, timeout: float, fn: Callable, *args):
+    def call(self, what: str, timeout: float, fn: Callable, *args, nudge: Callable[[], Any] | None = None,
+             grace: float = STUCK_GRACE_S):
         box: dict = {}
         done = threading.Event()
         self._calls.put((fn, args, box, done))
-        if not done.wait(timeout + STUCK_GRACE_S):
-            raise TransactionStuck(f"{what} did not return within {timeout + STUCK_GRACE_S:.0f}s "
-                                   "(its timeout was ignored inside librdkafka)")
+        deadline = time.monotonic() + timeout + grace
+        wait = NUDGE_AFTER_S if nudge is not None else timeout + grace
+        while not done.wait(max(0.0, min(wait, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise TransactionStuck(f"{what} did not return within {timeout + grace:.0f}s "
+                                       "(its timeout was ignored inside librdkafka)")
+            try:
+                nudge()
+            except (KafkaException, RuntimeError):  # brokers still down: nudge again later
+                pass
+            wait = NUDGE_INTERVAL_S
         if "error" in box:
             err = box.pop("error")
             raise err
@@ -309,7 +341,8 @@ class TransactionalProducer:
 
     def init(self, timeout: float = INIT_TIMEOUT_S) -> None:
         try:
-            self._calls.call("init_transactions", timeout, self._producer.init_transactions, timeout)
+            self._calls.call("init_transactions", timeout, self._producer.init_transactions, timeout,
+                             nudge=self._nudge)
         except KafkaException as exc:
             # The client's log lines (why it failed) are delivered by poll(): serve them first.
             self._producer.poll(0)
@@ -378,12 +411,14 @@ class TransactionalProducer:
                 if self._injected_failure is not None:
                     raise self._injected_failure
                 if not sent:
-                    self._calls.call("send_offsets_to_transaction", left, self._producer.send_offsets_to_transaction,
-                                     list(offsets), group_metadata, left)
+                    limit = min(left, SEND_OFFSETS_TIMEOUT_S)
+                    self._calls.call("send_offsets_to_transaction", limit, self._producer.send_offsets_to_transaction,
+                                     list(offsets), group_metadata, limit, nudge=self._nudge, grace=SEND_OFFSETS_GRACE_S)
                     sent = True
                 if fault is not None:
                     self._commit_fault(fault, left)
-                self._calls.call("commit_transaction", left, self._producer.commit_transaction, left)
+                self._calls.call("commit_transaction", left, self._producer.commit_transaction, left,
+                                 nudge=self._nudge)
                 self.in_transaction = False
                 self._authz.failure = None  # a transient one (e.g. during an ACL change) is over
                 return
@@ -393,6 +428,25 @@ class TransactionalProducer:
                         continue
                     raise self._unknown_outcome("commit", timeout, exc) from exc
                 raise self._error(exc, "commit") from exc
+            except TransactionStuck as exc:
+                raise self._abandon("commit", exc) from exc
+
+    def _nudge(self) -> None:
+        """Refresh metadata so that librdkafka looks for the transaction's coordinators again."""
+        self._producer.list_topics(timeout=NUDGE_METADATA_TIMEOUT_S)
+
+    def _abandon(self, during: str, stuck: TransactionStuck) -> Exception:
+        """A call stuck past its deadline: give this producer up (its outcome is unknown), or,
+        past MAX_ABANDONED_PRODUCERS in this process, let the process exit (75)."""
+        global _abandoned
+        _abandoned += 1
+        if _abandoned > MAX_ABANDONED_PRODUCERS:
+            return stuck
+        self.failed = f"{during} stuck: {stuck}"
+        self.outcome_unknown = True
+        self._stuck = True
+        return IndefiniteOutcome(f"{during} stuck ({stuck}); abandoning this producer "
+                                 f"({_abandoned} of {MAX_ABANDONED_PRODUCERS} in this process)")
 
     def _commit_fault(self, fault: str, left: float) -> None:
         """Raise the injected fault in place of (or, indefinite-committed, after) commit_transaction."""
@@ -421,7 +475,11 @@ class TransactionalProducer:
         while True:
             left = max(0.1, deadline - time.monotonic())
             try:
-                self._calls.call("abort_transaction", left, self._producer.abort_transaction, left)
+                try:
+                    self._calls.call("abort_transaction", left, self._producer.abort_transaction, left,
+                                     nudge=self._nudge)
+                except TransactionStuck as exc:
+                    raise self._abandon("abort", exc) from exc
                 self.in_transaction = False
                 self._authz.failure = None
                 self._injected_failure = None
@@ -438,6 +496,11 @@ class TransactionalProducer:
 
     def close(self) -> None:
         """Release the client. An open transaction is left to the broker's timeout / the next init."""
+        if self._producer is not None and getattr(self, "_stuck", False):
+            _ABANDONED_CLIENTS.append(self._producer)  # a call is still inside it: never destroy it
+            self._producer = None
+            self.produce_call = None
+            return
         if self._producer is not None:
             self._calls.stop()
             try:
