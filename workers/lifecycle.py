@@ -160,6 +160,11 @@ class ControlFollower:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The thread still follows the topic (it only ends on stop() or an unexpected error)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5.0)
@@ -186,6 +191,7 @@ class ControlFollower:
                     self._stop.wait(FOLLOW_POLL_S)
                     continue
                 if parts:
+                    self.error = None
                     break
                 self._stop.wait(FOLLOW_POLL_S)
             else:
@@ -196,7 +202,9 @@ class ControlFollower:
                 seen: dict[str, Deployment] = {}
                 for m in msgs:
                     if m.error() is not None:
-                        if not m.error().code() == KafkaError._PARTITION_EOF:
+                        # Transient errors (a broker restarting) are retried by librdkafka; only a
+                        # fatal one stops the follower from seeing new deployments.
+                        if m.error().fatal():
                             self.error = m.error().str()
                         continue
                     _take(m, group, seen)

@@ -151,6 +151,10 @@ class Metrics:
             "sluice_route_batch_seconds", "Scoring time per batch and route (every model of the deployment).",
             ["route"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.control_follower_ok = Gauge(
+            "sluice_control_follower_ok",
+            "1 while the control topic is followed without errors (0: new deployments are not seen).", registry=r,
+        )
         self.degraded = Gauge(
             "sluice_route_degraded", "1 while a route serves its fallback model under pressure ([degrade]).",
             ["route"], registry=r,

@@ -229,6 +229,7 @@ class Pipeline:
         self._stop_requested = False
         self._force_stop = False
         self._aborted_at_stop = False
+        self._drain_deadline: float | None = None  # set while draining for a revoke or a shutdown
         self._assigned: set[tuple[str, int]] = set()
         self._consumer_fences: list[float] = []  # monotonic times the consumer was fenced (see CONSUMER_REFENCE_LIMIT)
         # Partitions rewound (aborted) while a _consume call was under way: messages of theirs
@@ -292,6 +293,9 @@ class Pipeline:
                 self._single_route = next(iter(self.routes.values()))
             self._start_clients()
             self._apply_startup_deployments()
+            # Subscribe last: partitions assigned to this replica would otherwise wait (owned,
+            # unscored) while the start-up deployments are checked and warmed.
+            self.consumer = self._new_consumer()
         except BaseException:
             # Leave no scoring process behind a start that failed (the CLI exits 2 or 75).
             for route in self.routes.values():
@@ -347,7 +351,6 @@ class Pipeline:
         self.producer = TransactionalProducer(kafka_settings.producer_config(s))
         self.producer.init()
         self.txn = Transaction(self.producer)
-        self.consumer = self._new_consumer()
         self.batcher: MicroBatcher[Message] = MicroBatcher(
             s.batching.max_batch_size, s.batching.max_batch_delay_ms / 1000.0, s.batching.adaptive
         )
@@ -585,6 +588,9 @@ class Pipeline:
         if now - self._lifecycle_at < LIFECYCLE_TICK_S:
             return
         self._lifecycle_at = now
+        if follower is not None:
+            healthy = follower.alive and follower.error is None
+            self.metrics.control_follower_ok.set(1 if healthy else 0)
         for route in self.routes.values():
             if route.fallback is not None:
                 self._judge_pressure(route, now)
@@ -604,6 +610,10 @@ class Pipeline:
     def _guard_rollback(self, route: Route, why: str) -> None:
         """The canary broke a limit: write the rollback (every replica follows it) and say why."""
         dep = route.deployment
+        if route.loader is not None or (self._follower is not None and self._follower.pending):
+            # A newer deployment is on its way: the control topic keeps the last record written,
+            # so a rollback written now could overwrite it. Judge again once it is settled.
+            return
         route.guard_tripped = dep.id
         rollback = dep.without_canary(reason=f"canary guard: {why}", requested_by={
             "replica": self.settings.kafka.replica_id, "tool": "sluice canary guard"})
@@ -934,7 +944,9 @@ class Pipeline:
         txn = self.txn
         if txn.open and txn.deployments.get(route.name, dep.id) != dep.id:
             # A deployment switch: its first output starts a new transaction.
-            if not self._commit("switch"):
+            budget = COMMIT_TIMEOUT_S if self._drain_deadline is None else \
+                max(1.0, self._drain_deadline - time.monotonic())  # inside a revoke or a shutdown: its budget
+            if not self._commit("switch", timeout=budget):
                 return False
             txn = self.txn
         producer = self.producer
@@ -1144,12 +1156,16 @@ class Pipeline:
 
     def _drain(self, deadline: float) -> bool:
         """Emit every in-flight batch; False if the deadline passed first."""
-        while self._inflight:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._force_stop:
-                return False
-            self._emit_completed(block_s=min(left, 0.1))
-        return True
+        self._drain_deadline = deadline
+        try:
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._force_stop:
+                    return False
+                self._emit_completed(block_s=min(left, 0.1))
+            return True
+        finally:
+            self._drain_deadline = None
 
     # ----------------------------------------------------------- rebalancing
 

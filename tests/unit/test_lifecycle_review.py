@@ -199,7 +199,10 @@ def test_an_abandoned_loader_shuts_its_pool_down_exactly_once(abandon_when):
 
 
 class _Follower:
-    """What Pipeline._lifecycle reads of a ControlFollower: pending, take()."""
+    """What Pipeline._lifecycle reads of a ControlFollower: pending, take(), alive, error."""
+
+    alive = True
+    error = None
 
     def __init__(self):
         self.queue: list[dict[str, Deployment]] = []
