@@ -110,9 +110,12 @@ def worker_acls(user: str, topic: str, group: str, transactional_id: str) -> lis
             allow(ResourceType.TRANSACTIONAL_ID, transactional_id, AclOperation.WRITE),
             allow(ResourceType.TRANSACTIONAL_ID, transactional_id, AclOperation.DESCRIBE),
             allow(ResourceType.BROKER, "kafka-cluster", AclOperation.IDEMPOTENT_WRITE)]
-    for out in (f"{topic}-scores", f"{topic}-dlq", f"{topic}-drift"):
+    for out in (f"{topic}-scores", f"{topic}-dlq", f"{topic}-drift", f"{topic}-shadow", f"{topic}-audit"):
         acls += [allow(ResourceType.TOPIC, out, AclOperation.WRITE),
                  allow(ResourceType.TOPIC, out, AclOperation.DESCRIBE)]
+    # The control topic: followed by every replica, written by the canary guard's rollback.
+    acls += [allow(ResourceType.TOPIC, f"{topic}-control", op)
+             for op in (AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE)]
     return acls
 
 
@@ -122,8 +125,10 @@ def _setup(secure, *, skip_scores_write: bool = False) -> tuple[str, str, str]:
     group = f"g-{topic}"
     password = secrets.token_urlsafe(16)
     admin = _admin(secure)
-    names = [topic, f"{topic}-scores", f"{topic}-dlq", f"{topic}-drift"]
-    for name, fut in admin.create_topics([NewTopic(n, PARTITIONS if n == topic else 1) for n in names]).items():
+    names = [topic, f"{topic}-scores", f"{topic}-dlq", f"{topic}-drift", f"{topic}-shadow", f"{topic}-audit"]
+    new = [NewTopic(n, PARTITIONS if n == topic else 1) for n in names]
+    new.append(NewTopic(f"{topic}-control", 1, config={"cleanup.policy": "compact"}))
+    for name, fut in admin.create_topics(new).items():
         fut.result(15)
     _add_user(secure, f"{WORKER_USER}-{topic}", password)
     acls = worker_acls(f"{WORKER_USER}-{topic}", topic, group, f"{group}-r0")
@@ -143,7 +148,8 @@ def _committed_total(bootstrap: str, group: str, topic: str) -> int:
 
 
 def _secure_env(secure, topic: str, group: str, user: str, password: str, **extra: str) -> dict[str, str]:
-    env = worker_env(secure.bootstrap, topic, replica="r0", group=group, **extra)
+    env = worker_env(secure.bootstrap, topic, replica="r0", group=group, SLUICE_TOPICS__SHADOW=f"{topic}-shadow",
+                     SLUICE_TOPICS__AUDIT=f"{topic}-audit", SLUICE_TOPICS__CONTROL=f"{topic}-control", **extra)
     env["SLUICE_KAFKA__CLIENT"] = json.dumps(_client(secure, user, password))
     # The topics exist already and the worker's user may not create topics (no CREATE ACL).
     return env
