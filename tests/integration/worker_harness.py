@@ -169,23 +169,46 @@ class Feeder:
 
 
 def read_all(bootstrap: str, topic: str, min_count: int = 0, timeout: float = 60.0, idle: float = 2.0) -> list:
-    """Every committed record of `topic` (read_committed), waiting for at least min_count."""
+    """Every committed record of `topic` (read_committed), waiting for at least min_count.
+
+    The partitions are assigned, not subscribed (no group join to wait for), and read until each
+    reaches the end it had when the read began (its high watermark) with at least min_count
+    records; only when that end is not reached (an open transaction holds the last stable offset
+    back) does the read end after `idle` seconds without a new record.
+    """
+    from confluent_kafka import OFFSET_BEGINNING
+
     c = Consumer({
         "bootstrap.servers": bootstrap, "group.id": f"reader-{topic}-{time.monotonic_ns()}",
         "auto.offset.reset": "earliest", "isolation.level": "read_committed", "enable.auto.commit": False,
     })
-    c.subscribe([topic])
     out: list = []
     deadline = time.monotonic() + timeout
-    last_new = time.monotonic()
-    while time.monotonic() < deadline:
-        msgs = [m for m in c.consume(10_000, 0.2) if m.error() is None]
-        if msgs:
-            out.extend(msgs)
-            last_new = time.monotonic()
-        elif len(out) >= min_count and time.monotonic() - last_new > idle:
-            break
-    c.close()
+    try:
+        while True:
+            md = c.list_topics(topic, timeout=10).topics.get(topic)
+            if md is not None and md.error is None and md.partitions:
+                break
+            if time.monotonic() > deadline:
+                return out
+            time.sleep(0.2)
+        parts = sorted(md.partitions)
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            msgs = [m for m in c.consume(10_000, 0.2) if m.error() is None]
+            if msgs:
+                out.extend(msgs)
+                last_new = time.monotonic()
+            if len(out) >= min_count:
+                pos = {tp.partition: tp.offset for tp in c.position([TopicPartition(topic, p) for p in parts])}
+                if all(pos.get(p, -1) >= end for p, end in ends.items() if end > 0):
+                    break
+                if not msgs and time.monotonic() - last_new > idle:
+                    break
+    finally:
+        c.close()
     return out
 
 
