@@ -216,6 +216,26 @@ class Stats:
         return float(np.quantile(np.concatenate(list(self.recent_latency)), q))
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What the pipeline holds and has done, copied at one moment (for tests, the bench, tools).
+
+    Safe to take from another thread: every field is copied, nothing refers into the pipeline.
+    """
+
+    held_events: int        # consumed and not yet emitted: the open batch plus in-flight batches
+    inflight_batches: int
+    paused: bool            # partitions paused by backpressure
+    assigned: frozenset     # (topic, partition) owned now
+    consumed: int
+    scored: int
+    dead_letters: int
+    commits: int
+    aborts: int
+    deployments: dict       # route -> the deployment id new batches go to
+    degraded: frozenset     # routes serving their fallback
+
+
 class Pipeline:
     """One worker process: a consumer, a transactional producer, an inference pool."""
 
@@ -258,6 +278,19 @@ class Pipeline:
         self._checked: set[str] = set()             # sha256 of models that passed `models check` here
         self.worker_lineage = {"replica": settings.kafka.replica_id, "version": __version__,
                                "config_sha256": settings.config_sha256()}
+
+    def snapshot(self) -> Snapshot:
+        """A read-only copy of the pipeline's state (see :class:`Snapshot`)."""
+        inflight = list(self._inflight)
+        batcher = getattr(self, "batcher", None)
+        st = self.stats
+        return Snapshot(
+            held_events=(len(batcher) if batcher is not None else 0) + sum(len(b.msgs) for b in inflight),
+            inflight_batches=len(inflight), paused=self._paused, assigned=frozenset(self._assigned),
+            consumed=st.consumed, scored=st.scored, dead_letters=st.dead_letters, commits=st.commits,
+            aborts=st.aborts, deployments={n: r.deployment.id for n, r in list(self.routes.items())},
+            degraded=frozenset(n for n, r in list(self.routes.items()) if r.saved is not None),
+        )
 
     @property
     def pool(self) -> ScoringPool | None:

@@ -142,8 +142,9 @@ def test_slow_backend_keeps_memory_bounded_and_the_member_in_its_group(bootstrap
 
     def sample():
         while not stop.is_set():
-            held.append(len(pipeline.batcher) + sum(len(b.msgs) for b in list(pipeline._inflight)))
-            paused.append(pipeline._paused)
+            snap = pipeline.snapshot()
+            held.append(snap.held_events)
+            paused.append(snap.paused)
             time.sleep(0.02)
 
     before_stop = {}

@@ -77,7 +77,7 @@ def test_messages_of_a_partition_revoked_inside_consume_are_not_batched(bootstra
         assert not [m for m in got if m.partition() == 1], "messages of the revoked partition were kept"
         # The partition that stayed loses nothing of that call.
         assert [m.offset() for m in got] == [m.offset() for m in fetched if m.partition() == 0]
-        assert (topic, 1) not in pipeline._assigned
+        assert (topic, 1) not in pipeline.snapshot().assigned
     finally:
         pipeline.request_stop()
         pipeline.consumer = getattr(pipeline.consumer, "_consumer", pipeline.consumer)

@@ -8,6 +8,7 @@ import sys
 import orjson
 import pytest
 
+from workers.control import artifacts_sha256
 from workers.kafka.telemetry_producer import produce_telemetry
 
 from .worker_harness import ROOT, WorkerProc, assert_exactly_once, outcome, partition_ends, read_all, worker_env
@@ -16,7 +17,12 @@ MODELS = {"auth": ROOT / "models" / "auth_anomaly", "flow": ROOT / "models" / "f
 
 
 def _strip(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in ("scored_at", "source")}
+    """The record without what differs by design: when and where it was scored, and the live
+    worker's lineage (offline scoring has no deployment, role or worker; the digest is checked
+    against the model folder instead)."""
+    out = {k: v for k, v in rec.items() if k not in ("scored_at", "source", "role", "deployment", "worker")}
+    out["model"] = {k: v for k, v in rec["model"].items() if k != "sha256"}
+    return out
 
 
 @pytest.mark.parametrize("kind", ["auth", "flow"])
@@ -36,6 +42,8 @@ def test_worker_scores_events_like_offline_scoring(bootstrap, new_topic, tmp_pat
     assert_exactly_once(out, topic, ends)
     streamed = {orjson.loads(m.value())["event_id"]: orjson.loads(m.value()) for m in out.scores}
     assert {r["model"]["name"] for r in streamed.values()} == {model.name}
+    assert {r["model"]["sha256"] for r in streamed.values()} == {artifacts_sha256(model)}
+    assert {r["role"] for r in streamed.values()} == {"primary"}
 
     # the same input records, as JSON lines, through `sluice score`: byte-identical records
     # apart from scored_at and source
