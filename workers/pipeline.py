@@ -147,6 +147,13 @@ LIFECYCLE_TICK_S = 1.0
 # Degradation judges the end-to-end p99 of the batches emitted in this last window: long enough
 # to hold several batches at any load, short enough that a drained backlog ends the pressure.
 PRESSURE_WINDOW_S = 2.0
+# While degraded the fallback keeps lag and p99 low, so their calm alone says nothing about the
+# primary: the route recovers only when the input rate is also below this share of what the
+# primary emitted while it was saturated (its measured capacity). Without it the route went back
+# in the middle of a burst and degraded again (scripts/measure-lifecycle degrade, recover_after_s=6).
+RECOVER_LOAD_FRACTION = 0.8
+# Input and output rates are judged over this many lifecycle ticks (LIFECYCLE_TICK_S each).
+RATE_TICKS = 3
 
 
 class Route:
@@ -169,6 +176,10 @@ class Route:
         self.pressure_since: float | None = None
         self.calm_since: float | None = None
         self.recent_p99: deque[tuple[float, float]] = deque(maxlen=256)  # (emit time, batch p99 s)
+        self.consumed = 0        # events submitted for scoring on this route
+        self.emitted = 0         # events emitted from batches of the route's own (not fallback) models
+        self.rates: deque[tuple[float, int, int]] = deque(maxlen=RATE_TICKS + 1)  # (time, consumed, emitted)
+        self.capacity = 0.0      # events/s the primary emitted while saturated (measured when degrading)
 
 
 class StopWorker(Exception):
@@ -515,6 +526,10 @@ class Pipeline:
     def _judge_pressure(self, route: Route, now: float) -> None:
         """Degrade after `after_s` of pressure; recover after `recover_after_s` without (hysteresis)."""
         d = route.settings.degrade
+        route.rates.append((now, route.consumed, route.emitted))
+        (t0, c0, e0), (t1, c1, e1) = route.rates[0], route.rates[-1]
+        in_rate = (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+        out_rate = (e1 - e0) / (t1 - t0) if t1 > t0 else 0.0
         recent = [p for t, p in route.recent_p99 if now - t <= PRESSURE_WINDOW_S]
         p99_ms = max(recent) * 1000.0 if recent else 0.0
         # The route's own lag: another route's backlog is no reason to degrade this one.
@@ -529,6 +544,7 @@ class Pipeline:
             if now - route.pressure_since < d.after_s:
                 return
             dep, pool = route.fallback
+            route.capacity = out_rate  # saturated for after_s: what it emits is what it can do
             route.saved = (route.deployment, route.pool, route.specs)
             route.deployment, route.pool, route.specs = dep, pool, self._specs(dep)
             route.switched_at = now
@@ -536,9 +552,10 @@ class Pipeline:
             self.metrics.deployment_events.labels(route.name, "degraded").inc()
             log.warning("route degraded to its fallback", extra={
                 "route": route.name, "fallback": f"{dep.primary.name} {dep.primary.version}", "p99_ms": round(p99_ms, 1),
-                "lag": lag, "pressure_for_s": round(now - route.pressure_since, 2)})
+                "lag": lag, "pressure_for_s": round(now - route.pressure_since, 2),
+                "primary_capacity_eps": round(route.capacity, 1), "input_eps": round(in_rate, 1)})
             return
-        if pressure:
+        if pressure or in_rate > RECOVER_LOAD_FRACTION * route.capacity:
             route.calm_since = None
             return
         route.calm_since = route.calm_since or now
@@ -551,7 +568,9 @@ class Pipeline:
         self.metrics.degraded.labels(route.name).set(0)
         self.metrics.deployment_events.labels(route.name, "recovered").inc()
         log.info("route recovered from its fallback", extra={"route": route.name, "deployment": route.deployment.id,
-                                                             "calm_for_s": round(now - route.calm_since, 2)})
+                                                             "calm_for_s": round(now - route.calm_since, 2),
+                                                             "input_eps": round(in_rate, 1),
+                                                             "primary_capacity_eps": round(route.capacity, 1)})
 
     def _switch(self, route: Route, dep: Deployment, pool: ScoringPool) -> None:
         """New batches of the route go to ``pool`` from now on; the old pool retires when unused."""
@@ -929,6 +948,7 @@ class Pipeline:
             topics = [m.topic() for m in msgs]
             last = {tp: o + 1 for tp, o in dict(zip(zip(topics, partitions), offsets)).items()}
         batch = Batch(msgs, [m.key() for m in msgs], last, route=route, deployment=route.deployment)
+        route.consumed += len(msgs)
         batch.future = route.pool.submit([m.value() for m in msgs], topics, partitions, offsets)
         self._inflight.append(batch)
         self.metrics.inflight_batches.set(len(self._inflight))
@@ -1057,6 +1077,8 @@ class Pipeline:
             self.metrics.dead_lettered.labels(rej.reason).inc()
         self.stats.dead_letters += len(result.rejects)
         txn.take(batch.next_offsets)
+        if route.saved is None or dep is not route.deployment:
+            route.emitted += len(msgs)  # the route's own models (the fallback's output is no capacity)
         return True
 
     @staticmethod

@@ -64,8 +64,12 @@ NUDGE_AFTER_S = 1.0
 NUDGE_INTERVAL_S = 1.0
 NUDGE_METADATA_TIMEOUT_S = 1.0
 # A call still stuck past its deadline is abandoned with its producer (the thread inside
-# librdkafka cannot be cancelled) and the worker continues under a new producer; each such
-# producer stays blocked in memory, so after this many in one process it exits 75 instead.
+# librdkafka cannot be cancelled) and the worker continues under a new producer. An abandoned
+# producer is kept, never destroyed, until its call returns (destroying a handle while a thread
+# is inside one of its calls would free memory that call goes on using), then released. Each
+# one still stuck holds its buffers, so with more than this many stuck at once the process
+# exits 75 instead (chaos runs: one per broker restart; counted for the process's life, four
+# restarts ended long-lived replicas with 75).
 MAX_ABANDONED_PRODUCERS = 3
 # send_offsets_to_transaction normally returns in milliseconds. Stuck as above, it is given up
 # after this (librdkafka's own timeout, then a short grace), so that outputs resume within
@@ -73,10 +77,21 @@ MAX_ABANDONED_PRODUCERS = 3
 # (measured: 32 s with the 30 s commit deadline, tests/integration/test_broker_restart_recovery.py).
 SEND_OFFSETS_TIMEOUT_S = 5.0
 SEND_OFFSETS_GRACE_S = 1.0
-_abandoned = 0
-# Abandoned clients are kept here, never destroyed: destroying a handle while a thread is still
-# inside one of its calls would free memory that call goes on using.
-_ABANDONED_CLIENTS: list = []
+# (the abandoned client, its call thread, the stuck call's done event)
+_ABANDONED: list = []
+
+
+def _reap_abandoned() -> None:
+    """Release abandoned clients whose stuck call has returned meanwhile."""
+    for entry in list(_ABANDONED):
+        client, calls, done = entry
+        if done is None or done.is_set():
+            _ABANDONED.remove(entry)
+            calls.stop()
+            try:
+                client.flush(0)
+            except KafkaException:
+                pass
 
 
 class FatalProducerError(RuntimeError):
@@ -193,6 +208,7 @@ class _CallThread:
     """
 
     def __init__(self, name: str):
+        self.current: threading.Event | None = None
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -216,6 +232,7 @@ class _CallThread:
              grace: float = STUCK_GRACE_S):
         box: dict = {}
         done = threading.Event()
+        self.current = done  # an abandoned producer is released once this is set
         self._calls.put((fn, args, box, done))
         deadline = time.monotonic() + timeout + grace
         wait = NUDGE_AFTER_S if nudge is not None else timeout + grace
@@ -438,15 +455,15 @@ class TransactionalProducer:
     def _abandon(self, during: str, stuck: TransactionStuck) -> Exception:
         """A call stuck past its deadline: give this producer up (its outcome is unknown), or,
         past MAX_ABANDONED_PRODUCERS in this process, let the process exit (75)."""
-        global _abandoned
-        _abandoned += 1
-        if _abandoned > MAX_ABANDONED_PRODUCERS:
+        _reap_abandoned()
+        stuck_now = len(_ABANDONED) + 1
+        if stuck_now > MAX_ABANDONED_PRODUCERS:
             return stuck
         self.failed = f"{during} stuck: {stuck}"
         self.outcome_unknown = True
         self._stuck = True
         return IndefiniteOutcome(f"{during} stuck ({stuck}); abandoning this producer "
-                                 f"({_abandoned} of {MAX_ABANDONED_PRODUCERS} in this process)")
+                                 f"({stuck_now} stuck now, at most {MAX_ABANDONED_PRODUCERS})")
 
     def _commit_fault(self, fault: str, left: float) -> None:
         """Raise the injected fault in place of (or, indefinite-committed, after) commit_transaction."""
@@ -497,7 +514,7 @@ class TransactionalProducer:
     def close(self) -> None:
         """Release the client. An open transaction is left to the broker's timeout / the next init."""
         if self._producer is not None and getattr(self, "_stuck", False):
-            _ABANDONED_CLIENTS.append(self._producer)  # a call is still inside it: never destroy it
+            _ABANDONED.append((self._producer, self._calls, self._calls.current))  # released once it returns
             self._producer = None
             self.produce_call = None
             return
