@@ -255,8 +255,6 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.stats = Stats()
         self.worker_name = f"{settings.kafka.group_id}/{settings.kafka.replica_id}/{os.getpid()}"
-        # One input topic (the common case): the batch's topic is sent once, not per message.
-        self._single_topic = settings.kafka.input_topics[0] if len(settings.kafka.input_topics) == 1 else None
         self._stop_requested = False
         self._force_stop = False
         self._aborted_at_stop = False
@@ -940,7 +938,7 @@ class Pipeline:
     def _submit_to(self, route: Route, msgs: list[Message]) -> None:
         partitions = [m.partition() for m in msgs]
         offsets = [m.offset() for m in msgs]
-        if self._single_topic is not None or len(route.settings.input_topics) == 1:
+        if len(route.settings.input_topics) == 1:  # the common case: the topic is sent once, not per message
             topics = route.settings.input_topics[0]
             # Offsets rise within a partition, so the last one seen per partition is its maximum.
             last = {(topics, p): o + 1 for p, o in dict(zip(partitions, offsets)).items()}
@@ -1017,11 +1015,10 @@ class Pipeline:
         msgs = batch.msgs
         self.metrics.queue_wait.observe(result.queue_wait_s)
         self.metrics.route_inference.labels(route.name).observe(result.infer_s)
-        if self._drift or self.settings.drift.enabled:
-            if result.drift is not None:
-                self._drift_for(self._spec_of(route, dep, "primary")).add_counts(result.drift)
-            if result.canary_drift is not None:
-                self._drift_for(self._spec_of(route, dep, "canary")).add_counts(result.canary_drift)
+        if result.drift is not None:  # (None when drift is off)
+            self._drift_for(self._spec_of(route, dep, "primary")).add_counts(result.drift)
+        if result.canary_drift is not None:
+            self._drift_for(self._spec_of(route, dep, "canary")).add_counts(result.canary_drift)
         if route.guard is not None and dep.canary is not None and dep is route.deployment:
             route.guard.add(result.role_stats, time.monotonic())
 

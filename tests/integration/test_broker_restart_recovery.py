@@ -46,9 +46,7 @@ def test_outputs_resume_after_broker_restarts_and_sigterm_is_bounded_while_it_is
     topic = create_topic(bootstrap, f"brk-{int(time.time() * 1000) % 10**8}", PARTITIONS)
     group = f"g-{topic}"
     env = worker_env(bootstrap, topic, replica="r0", group=group,
-                     SLUICE_TRANSACTIONS__SHUTDOWN_TIMEOUT_MS=str(SHUTDOWN_TIMEOUT_MS),
-                     SLUICE_TOPICS__CONTROL=f"{topic}-control", SLUICE_TOPICS__AUDIT=f"{topic}-audit",
-                     SLUICE_TOPICS__SHADOW=f"{topic}-shadow")
+                     SLUICE_TRANSACTIONS__SHUTDOWN_TIMEOUT_MS=str(SHUTDOWN_TIMEOUT_MS))
     stop = threading.Event()
     feeder = threading.Thread(target=produce_telemetry, args=(bootstrap, topic), daemon=True,
                               kwargs={"count": 10_000_000, "rate": 600, "seed": 51, "bad_fraction": 0.01,

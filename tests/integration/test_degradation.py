@@ -41,8 +41,6 @@ def test_slow_primary_degrades_to_its_fallback_and_recovers(bootstrap, new_topic
     topic = new_topic(partitions=PARTITIONS, prefix="degrade")
     group = f"g-{topic}"
     env = worker_env(bootstrap, topic, replica="r0", group=group,
-                     SLUICE_TOPICS__CONTROL=f"{topic}-control", SLUICE_TOPICS__AUDIT=f"{topic}-audit",
-                     SLUICE_TOPICS__SHADOW=f"{topic}-shadow",
                      SLUICE_MODEL__BACKEND="tests.backends:SlowOnnxRuntime",
                      SLUICE_TEST_BACKEND_DELAY_S="0.5",           # the primary scores at most ~500 events/s
                      SLUICE_DEGRADE__FALLBACK=str(MODEL), SLUICE_DEGRADE__FALLBACK_BACKEND="onnxruntime",

@@ -148,8 +148,7 @@ def _committed_total(bootstrap: str, group: str, topic: str) -> int:
 
 
 def _secure_env(secure, topic: str, group: str, user: str, password: str, **extra: str) -> dict[str, str]:
-    env = worker_env(secure.bootstrap, topic, replica="r0", group=group, SLUICE_TOPICS__SHADOW=f"{topic}-shadow",
-                     SLUICE_TOPICS__AUDIT=f"{topic}-audit", SLUICE_TOPICS__CONTROL=f"{topic}-control", **extra)
+    env = worker_env(secure.bootstrap, topic, replica="r0", group=group, **extra)
     env["SLUICE_KAFKA__CLIENT"] = json.dumps(_client(secure, user, password))
     # The topics exist already and the worker's user may not create topics (no CREATE ACL).
     return env

@@ -38,11 +38,6 @@ PARTITIONS = 4
 TOTAL = 4_000
 
 
-def _env(bootstrap, topic, replica, group, **extra):
-    return worker_env(bootstrap, topic, replica=replica, group=group,
-                      SLUICE_TOPICS__CONTROL=f"{topic}-control", SLUICE_TOPICS__SHADOW=f"{topic}-shadow",
-                      SLUICE_TOPICS__AUDIT=f"{topic}-audit", **extra)
-
 
 def _audits(bootstrap, topic) -> list[dict]:
     return [orjson.loads(m.value()) for m in read_all(bootstrap, f"{topic}-audit", timeout=10, idle=1.0)]
@@ -55,7 +50,7 @@ def test_an_aborted_transactions_applied_audits_are_not_carried_into_the_next(bo
     group = f"g-{topic}"
     # The first commit fails: its transaction held the first `applied` audit of every partition
     # it had outputs for. The replay audits them again; carried as well, each came twice.
-    w = WorkerProc(_env(bootstrap, topic, "a", group, SLUICE_TRANSACTIONS__COMMIT_INTERVAL_MS="20",
+    w = WorkerProc(worker_env(bootstrap, topic, replica="a", group=group, SLUICE_TRANSACTIONS__COMMIT_INTERVAL_MS="20",
                         **{FAULTS_ENV: "commit:abortable@1"}), tmp_path / "a.log").start()
     wait_until(lambda: not w.alive() or sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) == TOTAL,
                timeout=120, what="every input offset committed")
@@ -86,7 +81,7 @@ def test_a_replica_never_loads_a_deployment_older_than_the_latest(bootstrap, new
     p.produce(control, latest.encode(), latest.key)
     assert p.flush(30) == 0
     assert produce_telemetry(bootstrap, topic, count=2_000, seed=52) == 2_000
-    w = WorkerProc(_env(bootstrap, topic, "a", group), tmp_path / "a.log").start()
+    w = WorkerProc(worker_env(bootstrap, topic, replica="a", group=group), tmp_path / "a.log").start()
     wait_until(lambda: not w.alive() or sum(committed_offsets(bootstrap, group, topic, 2).values()) == 2_000,
                timeout=120, what="every input offset committed")
     assert w.alive(), w.log()[-3000:]

@@ -65,11 +65,6 @@ def _copy_model(src: Path, dst: Path, version: str) -> Path:
     return dst
 
 
-def _env(bootstrap, topic, replica, group, **extra):
-    return worker_env(bootstrap, topic, replica=replica, group=group,
-                      SLUICE_TOPICS__CONTROL=f"{topic}-control", SLUICE_TOPICS__SHADOW=f"{topic}-shadow",
-                      SLUICE_TOPICS__AUDIT=f"{topic}-audit", **extra)
-
 
 def _deploy(bootstrap, topic, config_env, *args) -> str:
     """`sluice models deploy|rollback ...` as an operator runs it; the deployment id it wrote."""
@@ -151,11 +146,11 @@ def test_deploy_canary_shadow_then_rollback_during_a_stream_with_sigkills(bootst
     v2 = _copy_model(MODEL, tmp_path / "flow_v2", "1.1.0")
     shadow = _copy_model(MODEL, tmp_path / "flow_shadow", "2.0.0")
     feeder = _Feeder(bootstrap, topic, rate=800, seed=21, bad_fraction=0.01)
-    ws = {r: WorkerProc(_env(bootstrap, topic, r, group), tmp_path / f"{r}.log").start() for r in ("a", "b")}
+    ws = {r: WorkerProc(worker_env(bootstrap, topic, replica=r, group=group), tmp_path / f"{r}.log").start() for r in ("a", "b")}
     for w in ws.values():
         w.wait_started()
     route = "flow_classifier"
-    env = _env(bootstrap, topic, "operator", group, SLUICE_TEST_CONFIG_DIR=str(tmp_path))
+    env = worker_env(bootstrap, topic, replica="operator", group=group, SLUICE_TEST_CONFIG_DIR=str(tmp_path))
     wait_until(lambda: sum(committed_offsets(bootstrap, group, topic, PARTITIONS).values()) > 3000, 60,
                what="first commits under the configured model")
     d1 = _deploy(bootstrap, topic, env, "deploy", "--route", route, "--primary", str(MODEL), "--canary", str(v2),
@@ -224,7 +219,7 @@ def test_canary_guard_rolls_a_bad_canary_back_for_every_replica(bootstrap, new_t
     bad = _copy_model(MODEL, tmp_path / "flow_bad", "9.9.9")
     feeder = _Feeder(bootstrap, topic, rate=800, seed=22)
     guard = {"SLUICE_GUARD__MAX_PSI": "0.5", "SLUICE_GUARD__WINDOW_S": "30", "SLUICE_GUARD__MIN_EVENTS": "300"}
-    ws = {r: WorkerProc(_env(bootstrap, topic, r, group, **guard), tmp_path / f"{r}.log").start() for r in ("a", "b")}
+    ws = {r: WorkerProc(worker_env(bootstrap, topic, replica=r, group=group, **guard), tmp_path / f"{r}.log").start() for r in ("a", "b")}
     for w in ws.values():
         w.wait_started()
     wait_until(lambda: sum(committed_offsets(bootstrap, group, topic, 2).values()) > 2000, 60, what="first commits")

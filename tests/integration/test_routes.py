@@ -45,9 +45,7 @@ def test_two_routes_in_one_worker_keep_their_models_and_topics_apart(bootstrap, 
     ]
     env = worker_env(bootstrap, flows, replica="r0", group=group,
                      SLUICE_KAFKA__INPUT_TOPICS=orjson.dumps([flows, auth]).decode(),
-                     SLUICE_ROUTES=orjson.dumps(routes).decode(),
-                     SLUICE_TOPICS__CONTROL=f"{flows}-control", SLUICE_TOPICS__AUDIT=f"{flows}-audit",
-                     SLUICE_TOPICS__SHADOW=f"{flows}-shadow")
+                     SLUICE_ROUTES=orjson.dumps(routes).decode())
     stop = threading.Event()
     feeders = [threading.Thread(target=produce_telemetry, args=(bootstrap, topic), daemon=True,
                                 kwargs={"kind": kind, "count": 10_000_000, "rate": 800, "seed": seed,

@@ -46,6 +46,10 @@ def worker_env(bootstrap: str, input_topic: str, replica: str, group: str, **ove
             "SLUICE_TOPICS__SCORES": f"{input_topic}-scores",
             "SLUICE_TOPICS__DLQ": f"{input_topic}-dlq",
             "SLUICE_TOPICS__DRIFT": f"{input_topic}-drift",
+            # The lifecycle topics too: a test's deployments and audits never meet another's.
+            "SLUICE_TOPICS__CONTROL": f"{input_topic}-control",
+            "SLUICE_TOPICS__SHADOW": f"{input_topic}-shadow",
+            "SLUICE_TOPICS__AUDIT": f"{input_topic}-audit",
             "SLUICE_MODEL__PATH": str(MODEL),
             "SLUICE_METRICS__PORT": "0",
             "SLUICE_METRICS__HOST": "127.0.0.1",
