@@ -326,6 +326,11 @@ class DriftSettings(_Section):
     dedupe_retention_s: float = Field(
         3600.0, gt=0, description="Aggregator: delta_ids are remembered this long (event time) to drop duplicates."
     )
+    commit_interval_s: float = Field(
+        1.0, gt=0, le=3600,
+        description="Aggregator: how often its transaction (reports, table changes, source offsets) commits; "
+                    "a report becomes readable (read_committed) at most this long after its window closes.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DriftSettings":

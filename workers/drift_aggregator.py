@@ -357,20 +357,18 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000.0,
         broker_heartbeat_interval=max(settings.kafka.session_timeout_ms / 1000.0 / 5, 0.5),
         broker_commit_every=500,
-        broker_commit_interval=1.0,
+        broker_commit_interval=drift.commit_interval_s,
         key_serializer="json",     # tables; the topics are raw bytes
         value_serializer="json",
     )
-    reports = app.topic(drift.reports_topic, key_serializer="raw", value_serializer="raw")
     windows, seen, meta = (app.Table(name, default=None, partitions=parts) for name in _TABLES)
     root = models_root or Path(settings.model.path).parent
     merger = WindowedMerger(drift, References(root), _Plain(windows), _Plain(seen), _Plain(meta))
 
     async def publish(out: list[dict[str, Any]], partition: int) -> None:
         for r in out:
-            # the partition picks faust's transactional producer: the source partition's, so the
-            # report commits in the same transaction as the offsets and table changes
-            await reports.send(key=r["model"]["name"].encode(), value=orjson.dumps(r), partition=partition % report_parts)
+            await _send_in_transaction(app, source_name, partition, drift.reports_topic, partition % report_parts,
+                                       key=r["model"]["name"].encode(), value=orjson.dumps(r))
             log.info("drift report %s count=%d max_psi=%.4f alerts=%s", r["report_id"], r["count"], r["max_psi"],
                      [a["name"] for a in r["alerts"]], extra={"report_id": r["report_id"], "count": r["count"], "max_psi": r["max_psi"],
                                             "alerts": [a["name"] for a in r["alerts"]]})
@@ -412,6 +410,28 @@ def build_app(settings, drift: DriftSettings, *, models_root: Path | None = None
     app.on_before_shutdown.connect(_close_tick_producer)
     app._sluice_parts = parts  # for tests / logs
     return app
+
+
+async def _send_in_transaction(app, source_topic: str, source_partition: int, topic: str, partition: int, *,
+                               key: bytes, value: bytes) -> None:
+    """Produce one record in the open transaction of ``source_topic[source_partition]``: it commits
+    with that partition's offsets and table changes, or not at all.
+
+    Not through ``app.topic(...).send()``: faust picks the transactional producer from its consumer's
+    metadata, which knows only subscribed topics; for any other topic (the reports) it silently
+    falls back to its plain producer, and a report published just before a crash is then
+    published again by the next owner of the partition (measured: a CI run reported the first
+    windows twice, 7400 events counted for 5000).
+    """
+    try:
+        group = app.assignor.group_for_topic(source_topic)
+    except KeyError:
+        raise RuntimeError(f"{source_topic} is not assigned to this aggregator (no partition group)") from None
+    tid = f"{app.conf.id}-{group}-{source_partition}"
+    # faust's producer raises ProducerSendError when it has no transaction for this id (the
+    # partition was revoked meanwhile): faust then crashes the agent rather than write outside it.
+    fut = await app.producer.send(topic, key, value, partition, None, None, transactional_id=tid)
+    await fut  # delivered before the event is acked; the commit then covers it
 
 
 class _Plain(MutableMapping):
