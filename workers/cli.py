@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -115,13 +116,16 @@ def _as_startup_error(exc: BaseException, bootstrap: str) -> StartupError | None
 
 def _cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "profile", None) is None:
-        return _run_worker(args)
-    from workers.profiling import profiled
+        code = _run_worker(args)
+    else:
+        from workers.profiling import profiled
 
-    # Around the whole run, model loading included; the scoring processes profile themselves
-    # (SLUICE_PROFILE_DIR, set by profiled() before the pool spawns them). README "Profiling".
-    with profiled(args.profile):
-        return _run_worker(args)
+        # Around the whole run, model loading included; the scoring processes profile themselves
+        # (SLUICE_PROFILE_DIR, set by profiled() before the pool spawns them). README "Profiling".
+        with profiled(args.profile):
+            code = _run_worker(args)
+    _leave_now_if_stuck(code)  # (after the profile is written)
+    return code
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -202,6 +206,21 @@ def _run_worker(args: argparse.Namespace) -> int:
         return pipeline.run()
     finally:
         server.stop()
+
+
+def _leave_now_if_stuck(code: int) -> None:
+    """``os._exit(code)`` when a producer given up (stuck, or at the stop deadline) is still inside
+    its librdkafka call: the interpreter's exit would destroy that client under the call, and
+    could wait on it."""
+    from workers.kafka.producer import stuck_producers
+
+    if stuck_producers():
+        log.info("leaving with a transactional call still stuck", extra={"exit_code": int(code)})
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

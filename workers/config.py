@@ -281,7 +281,10 @@ class TransactionsSettings(_Section):
         description="Budget for finishing in-flight work when partitions are revoked; past it the work is aborted and redone elsewhere.",
     )
     shutdown_timeout_ms: int = Field(
-        30_000, ge=100, description="Budget for draining on SIGTERM; past it the open transaction is aborted."
+        30_000, ge=100,
+        description="Budget for draining and committing on SIGTERM, counted from the signal. Past it the open "
+                    "transaction is aborted (given 2 s) and the worker exits 1; a commit still running then is "
+                    "given up instead, its transaction left to transaction_timeout_ms or the next owner's init.",
     )
 
 

@@ -122,6 +122,12 @@ COMMITTED_TIMEOUT_S = 15.0
 # One commit (send_offsets + commit_transaction) outside the revoke and shutdown paths,
 # which pass what is left of their own budget instead.
 COMMIT_TIMEOUT_S = 30.0
+# The abort at the end of a forced or failed shutdown, after shutdown_timeout_ms. It takes
+# milliseconds when the broker answers; when it cannot (broker down), the broker's transaction
+# timeout or the partitions' next owner aborts the transaction anyway, so waiting longer only
+# delays the exit (CI saw 20 s past SIGTERM with the broker down when it had 5 s plus librdkafka's
+# own overrun, then a revoke at consumer close tried to commit again).
+CLOSE_ABORT_TIMEOUT_S = 2.0
 # Cyclic-GC generation-0 threshold on the hot path (CPython's default is 700 allocations). The
 # loop allocates a few objects per event and creates almost no reference cycles, so the default
 # ran a collection every few dozen events; measured +12% events/s (sluice bench) at 50 000.
@@ -257,6 +263,11 @@ class Pipeline:
         self.worker_name = f"{settings.kafka.group_id}/{settings.kafka.replica_id}/{os.getpid()}"
         self._stop_requested = False
         self._force_stop = False
+        # Monotonic: set by the first stop request (SIGTERM + shutdown_timeout_ms); every
+        # transactional call still running then is given up (see TransactionalProducer.stop_by).
+        self._stop_deadline: float | None = None
+        self._closing = False  # in _close: a revoke or loss from consumer.close() only unassigns
+        self._running = False  # in run(): stop requests bound the producer's calls
         self._aborted_at_stop = False
         self._drain_deadline: float | None = None  # set while draining for a revoke or a shutdown
         self._assigned: set[tuple[str, int]] = set()
@@ -702,9 +713,14 @@ class Pipeline:
         """
         old = self.producer
         self.producer = TransactionalProducer(kafka_settings.producer_config(self.settings))
+        self.producer.stop_by = self._stop_deadline
         threading.Thread(target=old.close, name="close-old-producer", daemon=True).start()
         try:
             self.producer.init()
+        except IndefiniteOutcome:
+            if self._stop_requested:
+                return  # asked to stop meanwhile: _shutdown sees the producer unusable and leaves
+            raise
         except FatalProducerError as exc:
             raise StopWorker(EXIT_TEMPFAIL, f"cannot start a new producer after a transaction of unknown "
                              f"outcome: {exc}") from exc
@@ -753,13 +769,30 @@ class Pipeline:
     # ------------------------------------------------------------- main loop
 
     def request_stop(self) -> None:
-        """First call: drain and commit. Second call: abort at once."""
+        """First call: drain and commit within ``shutdown_timeout_ms`` from now. Second call:
+        abort at once. (Called from a signal handler: it only sets flags and deadlines.)"""
         if self._stop_requested:
             self._force_stop = True
+            self._stop_deadline = time.monotonic()
+        else:
+            self._stop_deadline = time.monotonic() + self.settings.transactions.shutdown_timeout_ms / 1000.0
         self._stop_requested = True
+        if self._running:
+            # A commit, abort or renewal under way when the signal came waits no longer than
+            # this (never longer than a deadline it had already: e.g. the abort in _close).
+            self._limit_producer(self._stop_deadline)
+
+    def _limit_producer(self, deadline: float | None) -> None:
+        if deadline is not None:
+            current = self.producer.stop_by
+            self.producer.stop_by = deadline if current is None else min(current, deadline)
 
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
+        # From here a stop deadline also bounds the transactional calls. (Not during start(): an
+        # init_transactions given up there would be a start-up failure, not a stop.)
+        self._running = True
+        self._limit_producer(self._stop_deadline)
         try:
             self._loop()
             return self._shutdown()
@@ -782,6 +815,13 @@ class Pipeline:
                 handler.flush()
             os._exit(EXIT_TEMPFAIL)
         except FatalProducerError as exc:
+            if self._stop_requested and self.producer.outcome_unknown:
+                # Not fenced: a call given up at the stop deadline left the producer unusable,
+                # and something still in flight then touched it. Leave as a stop that could not
+                # commit; nothing committed is lost.
+                log.warning("shutdown with a producer given up: leaving without a commit", extra={"error": str(exc)})
+                self._close(abort=True)
+                return ExitCode.FORCED_STOP if self._force_stop else ExitCode.FAILURE
             log.error("fatal producer error; exiting for the supervisor to restart", extra={"error": str(exc)})
             self.metrics.set_ready(False, "producer fenced or fatal error")
             self._close(abort=False)
@@ -806,6 +846,7 @@ class Pipeline:
             started = self.txn.started_at
             if started is not None and now - started >= commit_interval:
                 self._commit("interval")
+                continue  # (a stop requested while it ran is seen before anything else is done)
 
             if len(self._inflight) >= max_inflight:
                 if self._full_since is None:
@@ -1238,9 +1279,10 @@ class Pipeline:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         deadline = time.monotonic() + self.settings.transactions.revoke_timeout_ms / 1000.0
         dropped = self.batcher.drop(lambda m: (m.topic(), m.partition()) in revoked)
-        if self.producer.failed is not None:
-            # Closing after a fatal error: nothing can be committed; the broker aborts the open
-            # transaction and the partitions' next owner resumes from the last commit.
+        if self.producer.failed is not None or self._closing:
+            # Closing (the shutdown committed or aborted already), or after a fatal error:
+            # nothing more can be committed; the broker aborts an open transaction and the
+            # partitions' next owner resumes from the last commit.
             pass
         elif self._drain(deadline):
             # The commit shares the revoke budget (max.poll.interval.ms is at stake).
@@ -1262,8 +1304,9 @@ class Pipeline:
         """Partitions lost (session expired): their offsets can no longer be committed by us."""
         self._epoch += 1
         lost = {(tp.topic, tp.partition) for tp in partitions}
-        log.warning("partitions lost; aborting the open transaction", extra={"partitions": _names(partitions)})
-        self._abort_and_rewind("partitions_lost", partitions=self._assigned - lost)
+        if not self._closing:  # (closing: the shutdown aborted or committed already)
+            log.warning("partitions lost; aborting the open transaction", extra={"partitions": _names(partitions)})
+            self._abort_and_rewind("partitions_lost", partitions=self._assigned - lost)
         for key in lost:
             self._applied.pop(key, None)
         self._forget_lag(lost)
@@ -1299,13 +1342,25 @@ class Pipeline:
     def _shutdown(self) -> int:
         """Step 7: stop consuming, drain, commit, close; abort on a second signal or the deadline."""
         self.metrics.set_ready(False, "shutting down")
-        deadline = time.monotonic() + self.settings.transactions.shutdown_timeout_ms / 1000.0
+        # From the stop request, not from here: a commit or renewal under way when the signal
+        # came spent part of the budget already.
+        deadline = self._stop_deadline or time.monotonic() + self.settings.transactions.shutdown_timeout_ms / 1000.0
         if self._assigned:
             self._pause()
-        if len(self.batcher):
+        if self.producer.failed is not None:
+            if not self.producer.outcome_unknown:  # fenced or fatal: exit 3 (run() says so)
+                raise FatalProducerError(f"producer unusable after a fatal error: {self.producer.failed}")
+            # A commit, abort or renewal was given up at the stop deadline: nothing more can be
+            # committed; the partitions' next owner redoes what was not.
+            log.warning("shutdown with a producer given up: leaving without a commit",
+                        extra={"error": self.producer.failed})
+            self._aborted_at_stop = True
+        elif len(self.batcher):
             self._submit(self.batcher.take())
-        if not self._force_stop and self._drain(deadline):
+        if not self._force_stop and self.producer.failed is None and self._drain(deadline):
             try:
+                # Drained in time: the commit gets at least a second even if that was close.
+                self.producer.stop_by = max(deadline, time.monotonic() + 1.0)
                 committed = self._commit("shutdown", timeout=max(1.0, deadline - time.monotonic()))
             except FatalProducerError as exc:
                 log.error("fatal error while committing at shutdown", extra={"error": str(exc)})
@@ -1320,6 +1375,7 @@ class Pipeline:
         return ExitCode.FORCED_STOP if self._force_stop else ExitCode.FAILURE
 
     def _close(self, abort: bool) -> None:
+        self._closing = True
         if self.producer is not None and abort:
             try:
                 self._drop_inflight()
@@ -1328,7 +1384,9 @@ class Pipeline:
                 if self.txn is not None and self.txn.records:
                     log.warning("audit/control records of the aborted transaction are not written",
                                 extra={"records": len(self.txn.records)})
-                self.producer.abort(timeout=5.0)
+                if self.producer.failed is None:
+                    self.producer.stop_by = time.monotonic() + CLOSE_ABORT_TIMEOUT_S
+                    self.producer.abort(timeout=CLOSE_ABORT_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - the broker's timeout / next init aborts it anyway
                 log.warning("abort at close failed", extra={"error": str(exc)})
         if self._follower is not None:

@@ -96,20 +96,28 @@ def test_replicas_joining_and_leaving_mid_stream_gives_exactly_one_output(bootst
 def test_sigterm_commits_everything_consumed(bootstrap, new_topic, tmp_path):
     """SIGTERM ⇒ drain, commit, exit 0: every consumed record's output is committed with its offset."""
     topic = new_topic(partitions=2, prefix="eos-term")
-    total = 8_000
-    produce_telemetry(bootstrap, topic, count=total, seed=13, bad_fraction=0.01)
     env = worker_env(bootstrap, topic, replica="r0", group=f"g-{topic}",
-                     SLUICE_TRANSACTIONS__COMMIT_INTERVAL_MS="60000")  # only the shutdown commits
+                     SLUICE_TRANSACTIONS__COMMIT_INTERVAL_MS="60000")  # no interval commit: idle ones only
+    # A steady feed, so that work is consumed but not committed when the signal comes. (A
+    # preloaded topic is scored in well under a second, then committed as idle: the test once
+    # saw that commit before it looked.)
+    stop = threading.Event()
+    feeder = threading.Thread(target=produce_telemetry, args=(bootstrap, topic), daemon=True,
+                              kwargs={"count": 10_000_000, "rate": 3000, "seed": 13, "bad_fraction": 0.01,
+                                      "stop": stop})
+    feeder.start()
     w = WorkerProc(env, tmp_path / "worker.log").start()
-    wait_until(lambda: '"partitions assigned"' in w.log(), timeout=60, what="assignment")
-    # consumed and scored, none of it committed yet (the interval is a minute): the SIGTERM drain commits it
-    wait_until(lambda: w.metric("sluice_events_scored_total") >= 1000, timeout=60, what="1000 events scored")
-    assert w.metric(COMMITTED) == 0
-    assert w.terminate() == 0, w.log()[-3000:]
+    try:
+        wait_until(lambda: w.metric("sluice_events_scored_total") >= 1000, timeout=60, what="1000 events scored")
+        consumed = w.metric("sluice_events_consumed_total")
+        assert w.terminate() == 0, w.log()[-3000:]
+    finally:
+        stop.set()
+        feeder.join(30)
     committed = committed_offsets(bootstrap, f"g-{topic}", topic, 2)
     n_committed = sum(o for o in committed.values() if o > 0)
+    assert n_committed >= consumed, (n_committed, consumed)  # everything consumed before the signal
     out = outcome(bootstrap, topic, n_committed)
-    assert n_committed > 0
     assert len(out.scores) + len(out.dead_letters) == n_committed
     assert_exactly_once(out, topic, {p: max(o, 0) for p, o in committed.items()})
     assert '"drained and committed; closing"' in w.log()

@@ -24,6 +24,8 @@ renewal paths against a real broker without a mock of Kafka. Unset, it costs not
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import queue
 import threading
@@ -77,8 +79,20 @@ MAX_ABANDONED_PRODUCERS = 3
 # (measured: 32 s with the 30 s commit deadline, tests/integration/test_broker_restart_recovery.py).
 SEND_OFFSETS_TIMEOUT_S = 5.0
 SEND_OFFSETS_GRACE_S = 1.0
+log = logging.getLogger("sluice.kafka")
+
+# While waiting on a transactional call the caller wakes this often to look at its stop
+# deadline, which a SIGTERM can set or move while it waits.
+STOP_CHECK_INTERVAL_S = 0.25
 # (the abandoned client, its call thread, the stuck call's done event)
 _ABANDONED: list = []
+
+
+def stuck_producers() -> int:
+    """How many abandoned producers are still inside a stuck call. A process leaving with any
+    must end with ``os._exit``: the interpreter's exit would destroy their clients under the call."""
+    _reap_abandoned()
+    return len(_ABANDONED)
 
 
 def _reap_abandoned() -> None:
@@ -116,6 +130,12 @@ class TransactionStuck(RuntimeError):
     cancelled, so the process must exit (75) and let its supervisor restart it."""
 
 
+class StopDeadlinePassed(TransactionStuck):
+    """A transactional call was still running when the worker's stop deadline (SIGTERM plus
+    ``shutdown_timeout_ms``, or a second signal) passed: its producer is given up like a stuck
+    one, and the worker leaves with what it has committed (exit 1)."""
+
+
 # --------------------------------------------------------------- test-only fault injection
 
 #: Environment variable of the fault plan. Test-only: never set it in production.
@@ -123,7 +143,7 @@ FAULTS_ENV = "SLUICE_TEST_FAULTS"
 #: What each call may be made to do (see FaultPlan).
 FAULT_KINDS: dict[str, tuple[str, ...]] = {
     "produce": ("abortable",),
-    "commit": ("abortable", "indefinite", "indefinite-committed"),
+    "commit": ("abortable", "indefinite", "indefinite-committed", "hang"),
     "abort": ("indefinite",),
 }
 
@@ -143,6 +163,9 @@ class FaultPlan:
       unknown outcome, the transaction left open for the next epoch to abort.
     - ``commit:indefinite-committed@N``: the Nth commit lands but its answer is lost: an
       unknown outcome although the transaction committed.
+    - ``commit:hang@N``: the Nth commit's ``send_offsets_to_transaction`` never returns,
+      ignoring its timeout, as librdkafka's did after broker restarts: the producer must be
+      abandoned (stuck detection, or the stop deadline when a SIGTERM comes meanwhile).
     - ``abort:indefinite@N``: the Nth abort times out without reaching the broker.
     """
 
@@ -194,6 +217,11 @@ def process_faults() -> FaultPlan | None:
     return _PROCESS_FAULTS
 
 
+def _hang(*_args) -> None:
+    """An injected ``commit:hang``: blocks its call thread for good (test-only)."""
+    threading.Event().wait()
+
+
 def _injected(call: str, n: int, *, requires_abort: bool = False, retriable: bool = False) -> KafkaException:
     """The librdkafka error an injected fault raises (a request that timed out)."""
     return KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{call} #{n} failed, injected by {FAULTS_ENV}",
@@ -229,22 +257,37 @@ class _CallThread:
             del fn, args, box, done, item
 
     def call(self, what: str, timeout: float, fn: Callable, *args, nudge: Callable[[], Any] | None = None,
-             grace: float = STUCK_GRACE_S):
+             grace: float = STUCK_GRACE_S, stop_by: Callable[[], float | None] | None = None):
+        """``fn(*args)`` on the call thread; its result, or its exception raised here.
+
+        Raises TransactionStuck past ``timeout + grace``, or StopDeadlinePassed once the
+        monotonic time ``stop_by()`` (read again at every wake-up) has passed."""
+        stop_at = stop_by() if stop_by is not None else None
+        if stop_at is not None and time.monotonic() >= stop_at:
+            raise StopDeadlinePassed(f"{what} not started: the stop deadline had passed")
         box: dict = {}
         done = threading.Event()
         self.current = done  # an abandoned producer is released once this is set
         self._calls.put((fn, args, box, done))
         deadline = time.monotonic() + timeout + grace
-        wait = NUDGE_AFTER_S if nudge is not None else timeout + grace
-        while not done.wait(max(0.0, min(wait, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
+        next_nudge = time.monotonic() + NUDGE_AFTER_S if nudge is not None else math.inf
+        while not done.is_set():
+            now = time.monotonic()
+            stop_at = stop_by() if stop_by is not None else None
+            if stop_at is not None and now >= stop_at:
+                raise StopDeadlinePassed(f"{what} was still running when the stop deadline passed")
+            if now >= deadline:
                 raise TransactionStuck(f"{what} did not return within {timeout + grace:.0f}s "
                                        "(its timeout was ignored inside librdkafka)")
-            try:
-                nudge()
-            except (KafkaException, RuntimeError):  # brokers still down: nudge again later
-                pass
-            wait = NUDGE_INTERVAL_S
+            if now >= next_nudge:
+                try:
+                    nudge()
+                except (KafkaException, RuntimeError):  # brokers still down: nudge again later
+                    pass
+                next_nudge = time.monotonic() + NUDGE_INTERVAL_S
+                continue
+            wake = min(deadline, next_nudge, now + STOP_CHECK_INTERVAL_S, math.inf if stop_at is None else stop_at)
+            done.wait(max(0.0, wake - now))
         if "error" in box:
             err = box.pop("error")
             raise err
@@ -265,6 +308,16 @@ def as_producer_error(exc: KafkaException, during: str) -> Exception:
     if kind is FatalProducerError:
         return FatalProducerError(f"{during} failed fatally: {exc.args[0].str()}")
     return AbortableError(f"{during} failed: {exc.args[0].str()}")
+
+
+def is_refused_end_txn(exc: KafkaException) -> bool:
+    """EndTxn refused with INVALID_TXN_STATE. librdkafka makes it fatal, but it comes from a race
+    inside librdkafka (issue #4849: abort_transaction right after a transaction began; seen here
+    on Apache Kafka 4.1 when an injected produce failure aborted a transaction a few ms old), not
+    from another instance: the transaction did not end, and a new producer's init_transactions
+    aborts it. A fenced producer fails with PRODUCER_FENCED / INVALID_PRODUCER_EPOCH instead."""
+    err: KafkaError = exc.args[0]
+    return err.code() == KafkaError.INVALID_TXN_STATE or "(INVALID_TXN_STATE)" in err.str()
 
 
 def classify(exc: KafkaException) -> type[Exception]:
@@ -320,6 +373,9 @@ class TransactionalProducer:
         self.failed: str | None = None
         # Set with IndefiniteOutcome: the caller must replace this producer (a fresh epoch).
         self.outcome_unknown = False
+        # Monotonic time past which no transactional call is waited on any longer (set by the
+        # worker when it is asked to stop); None: only the calls' own deadlines apply.
+        self.stop_by: float | None = None
         self.produce_call = self._producer.produce  # bound once: the hot path calls it per record
         self._faults = faults if faults is not None else process_faults()
         # The injected error that failed the open transaction (librdkafka's abortable state):
@@ -359,7 +415,9 @@ class TransactionalProducer:
     def init(self, timeout: float = INIT_TIMEOUT_S) -> None:
         try:
             self._calls.call("init_transactions", timeout, self._producer.init_transactions, timeout,
-                             nudge=self._nudge)
+                             nudge=self._nudge, stop_by=self._stop_by)
+        except StopDeadlinePassed as exc:
+            raise self._abandon("init_transactions", exc) from exc
         except KafkaException as exc:
             # The client's log lines (why it failed) are delivered by poll(): serve them first.
             self._producer.poll(0)
@@ -429,13 +487,19 @@ class TransactionalProducer:
                     raise self._injected_failure
                 if not sent:
                     limit = min(left, SEND_OFFSETS_TIMEOUT_S)
-                    self._calls.call("send_offsets_to_transaction", limit, self._producer.send_offsets_to_transaction,
-                                     list(offsets), group_metadata, limit, nudge=self._nudge, grace=SEND_OFFSETS_GRACE_S)
+                    send_offsets = self._producer.send_offsets_to_transaction
+                    if fault == "hang":
+                        log.warning("commit #%d hangs in send_offsets_to_transaction, injected by %s",
+                                    self._faults.count("commit"), FAULTS_ENV)
+                        send_offsets = _hang
+                    self._calls.call("send_offsets_to_transaction", limit, send_offsets,
+                                     list(offsets), group_metadata, limit, nudge=self._nudge, grace=SEND_OFFSETS_GRACE_S,
+                                     stop_by=self._stop_by)
                     sent = True
-                if fault is not None:
+                if fault is not None and fault != "hang":
                     self._commit_fault(fault, left)
                 self._calls.call("commit_transaction", left, self._producer.commit_transaction, left,
-                                 nudge=self._nudge)
+                                 nudge=self._nudge, stop_by=self._stop_by)
                 self.in_transaction = False
                 self._authz.failure = None  # a transient one (e.g. during an ACL change) is over
                 return
@@ -444,9 +508,14 @@ class TransactionalProducer:
                     if time.monotonic() < deadline and fault is None:
                         continue
                     raise self._unknown_outcome("commit", timeout, exc) from exc
+                if is_refused_end_txn(exc):
+                    raise self._unknown_outcome("commit", timeout, exc) from exc
                 raise self._error(exc, "commit") from exc
             except TransactionStuck as exc:
                 raise self._abandon("commit", exc) from exc
+
+    def _stop_by(self) -> float | None:
+        return self.stop_by
 
     def _nudge(self) -> None:
         """Refresh metadata so that librdkafka looks for the transaction's coordinators again."""
@@ -457,8 +526,8 @@ class TransactionalProducer:
         past MAX_ABANDONED_PRODUCERS in this process, let the process exit (75)."""
         _reap_abandoned()
         stuck_now = len(_ABANDONED) + 1
-        if stuck_now > MAX_ABANDONED_PRODUCERS:
-            return stuck
+        if stuck_now > MAX_ABANDONED_PRODUCERS and not isinstance(stuck, StopDeadlinePassed):
+            return stuck  # (at a stop the process is leaving anyway: it exits 1, not 75)
         self.failed = f"{during} stuck: {stuck}"
         self.outcome_unknown = True
         self._stuck = True
@@ -472,14 +541,15 @@ class TransactionalProducer:
             self._injected_failure = _injected("commit", n, requires_abort=True)
             raise self._injected_failure
         if fault == "indefinite-committed":
-            self._calls.call("commit_transaction", left, self._producer.commit_transaction, left)
+            self._calls.call("commit_transaction", left, self._producer.commit_transaction, left,
+                             stop_by=self._stop_by)
         raise _injected("commit", n, retriable=True)  # as a commit whose deadline passed
 
     def _unknown_outcome(self, during: str, timeout: float, exc: KafkaException) -> IndefiniteOutcome:
         """Mark this producer unusable after a commit or abort of unknown outcome (see IndefiniteOutcome)."""
         self.failed = f"{during} did not complete: {exc.args[0].str()}"
         self.outcome_unknown = True
-        return IndefiniteOutcome(f"{during} did not complete within {timeout:.0f}s: {exc.args[0].str()}")
+        return IndefiniteOutcome(f"{during} did not complete (deadline {timeout:.0f}s): {exc.args[0].str()}")
 
     def abort(self, timeout: float = COMMIT_TIMEOUT_S) -> None:
         if not self.in_transaction:
@@ -494,7 +564,7 @@ class TransactionalProducer:
             try:
                 try:
                     self._calls.call("abort_transaction", left, self._producer.abort_transaction, left,
-                                     nudge=self._nudge)
+                                     nudge=self._nudge, stop_by=self._stop_by)
                 except TransactionStuck as exc:
                     raise self._abandon("abort", exc) from exc
                 self.in_transaction = False
@@ -502,6 +572,8 @@ class TransactionalProducer:
                 self._injected_failure = None
                 return
             except KafkaException as exc:
+                if is_refused_end_txn(exc):
+                    raise self._unknown_outcome("abort", timeout, exc) from exc
                 if classify(exc) is FatalProducerError:
                     raise self._error(exc, "abort") from exc
                 if time.monotonic() >= deadline:
