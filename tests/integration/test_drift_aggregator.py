@@ -102,6 +102,26 @@ def _reports(bootstrap, reports, want, timeout=90.0):
     return got
 
 
+def _settled_reports(bootstrap, agg, group, topic, reports, want, log):
+    """Every committed report, once the aggregator can publish nothing more. Anything extra
+    (double counting) would come from a delta still unconsumed or a window still open: wait
+    until neither is left, then read the reports to their end."""
+    _reports(bootstrap, reports, want=want)
+    wait_until(lambda: agg.poll() is not None or drift_aggregator_settled(bootstrap, group, topic, 2),
+               timeout=60, interval=1.0, what="the aggregator to consume every delta and close every window")
+    assert agg.poll() is None, log.read_text()[-3000:]
+    return [orjson.loads(m.value()) for msgs in read_to_end(bootstrap, reports, 2).values() for m in msgs]
+
+
+def _stop(agg):
+    if agg.poll() is None:
+        agg.send_signal(signal.SIGTERM)
+        try:
+            agg.wait(30)
+        except subprocess.TimeoutExpired:
+            agg.kill()
+
+
 def test_reports_count_committed_deltas_once_across_a_kill(bootstrap, new_topic, tmp_path):
     spec = ModelSpec.load(MODEL)
     fz, be = Featurizer(spec), create_backend(spec)
@@ -126,20 +146,9 @@ def test_reports_count_committed_deltas_once_across_a_kill(bootstrap, new_topic,
         _produce(bootstrap, topic, rest + [r1[0], r2[4]])  # + two duplicates, one of a closed window
         agg = _start(bootstrap, topic, reports, group, log)
         want = sum(orjson.loads(d)["count"] for d in r1 + r2)
-        got = _reports(bootstrap, reports, want=want)
-        # Anything extra (double counting) would come from a delta still unconsumed or a window
-        # still open: wait until neither is left, then read the reports to their end.
-        wait_until(lambda: agg.poll() is not None or drift_aggregator_settled(bootstrap, group, topic, 2),
-                   timeout=60, interval=1.0, what="the aggregator to consume every delta and close every window")
-        assert agg.poll() is None, log.read_text()[-3000:]
-        got = [orjson.loads(m.value()) for msgs in read_to_end(bootstrap, reports, 2).values() for m in msgs]
+        got = _settled_reports(bootstrap, agg, group, topic, reports, want, log)
     finally:
-        if agg.poll() is None:
-            agg.send_signal(signal.SIGTERM)
-            try:
-                agg.wait(30)
-            except subprocess.TimeoutExpired:
-                agg.kill()
+        _stop(agg)
     text = log.read_text()
     assert (tmp_path / "aggregator-data").is_dir() and not (ROOT / f"{group}-data").exists()  # --data-dir
     _assert_counted_once(got, want, len(r1) + len(r2), text)
@@ -186,16 +195,7 @@ def test_a_report_commits_with_its_offsets_or_not_at_all(bootstrap, new_topic, t
         assert early == [], "a report was readable before its transaction committed"
         agg = _start(bootstrap, topic, reports, group, log)
         want = sum(orjson.loads(d)["count"] for d in r1)
-        _reports(bootstrap, reports, want=want)
-        wait_until(lambda: agg.poll() is not None or drift_aggregator_settled(bootstrap, group, topic, 2),
-                   timeout=60, interval=1.0, what="the aggregator to consume every delta and close every window")
-        assert agg.poll() is None, log.read_text()[-3000:]
-        got = [orjson.loads(m.value()) for msgs in read_to_end(bootstrap, reports, 2).values() for m in msgs]
+        got = _settled_reports(bootstrap, agg, group, topic, reports, want, log)
     finally:
-        if agg.poll() is None:
-            agg.send_signal(signal.SIGTERM)
-            try:
-                agg.wait(30)
-            except subprocess.TimeoutExpired:
-                agg.kill()
+        _stop(agg)
     _assert_counted_once(got, want, len(r1), log.read_text())
