@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from workers import __version__
@@ -66,6 +66,7 @@ from workers.config import RouteSettings, Settings
 from workers.control import Deployment, ModelRef, artifacts_sha256, audit_record, initial_deployment
 from workers.drift import DriftAccumulator
 from workers.exit_codes import BrokerUnavailable, ConfigError, ExitCode
+from workers.kafka.rewind import RewindFailed, rewind_to_committed
 from workers.features import ModelSpec
 from workers.inference.pool import ScoringPool, ScoringTimeout
 from workers.lifecycle import CanaryGuard, ControlFollower, DeploymentLoader, read_control
@@ -1213,24 +1214,16 @@ class Pipeline:
             # Stopping: nothing more is consumed, so there is no position to restore (and reading
             # the committed offsets could wait COMMITTED_TIMEOUT_S on a broker that is down).
             return
-        tps = [TopicPartition(t, p) for t, p in sorted(targets)]
         try:
-            committed = self.consumer.committed(tps, timeout=COMMITTED_TIMEOUT_S)
-        except KafkaException as exc:
-            raise StopWorker(EXIT_TEMPFAIL, f"cannot read committed offsets to rewind: {exc}") from exc
-        for tp in committed:
-            if tp.error is not None:
-                # Guessing (e.g. "nothing committed") would re-score committed events.
-                raise StopWorker(EXIT_TEMPFAIL, f"cannot read the committed offset of {tp.topic}[{tp.partition}]: "
-                                 f"{tp.error.str()}")
-            if tp.offset == OFFSET_INVALID or tp.offset < 0:
-                tp.offset = -2  # OFFSET_BEGINNING: nothing committed yet for this partition
-            try:
-                self.consumer.seek(tp)
-            except KafkaException as exc:
-                # Left at its position, the partition would skip the aborted events: restart
-                # instead, which resumes from the committed offsets.
-                raise StopWorker(EXIT_TEMPFAIL, f"cannot rewind {tp.topic}[{tp.partition}]: {exc}") from exc
+            not_held = rewind_to_committed(self.consumer, targets, COMMITTED_TIMEOUT_S)
+        except RewindFailed as exc:
+            # Restart instead, which resumes from the committed offsets.
+            raise StopWorker(EXIT_TEMPFAIL, str(exc)) from exc
+        if not_held:
+            # Fenced as a static member or revoked meanwhile: the fatal error or the revoke
+            # reaches the next poll, which deals with it.
+            log.info("partitions no longer held were not rewound; their next owner resumes from "
+                     "the committed offsets", extra={"partitions": [f"{t}[{p}]" for t, p in not_held]})
         if self._paused:
             self._resume()
 
